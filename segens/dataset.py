@@ -1,0 +1,151 @@
+"""Data-root discovery and image reading for the competition layout.
+
+``ROOT/train/DCM/IDxxx/<name>.png`` pairs with ``ROOT/train/outputs_json/IDxxx/<name>.json`` by relative path;
+``ROOT/test/DCM`` holds the test images (``ROOT/test/outputs_json``, when present, their labels for scoring).
+An image's key is its relative path without extension (``ID001/image1661130828152_R``); names are never split
+on ``_``. Sorting is by the relative path with extension, as the competition's sample submission is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segens.errors import SegensError
+from segens.labels import read_label_mask
+
+IMAGE_DIR = "DCM"
+LABEL_DIR = "outputs_json"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split: its key, file paths and (if any) label file."""
+
+    key: str  # relpath without extension, POSIX separators: "ID001/image1661130828152"
+    image_path: Path
+    label_path: Path | None
+
+    @property
+    def name(self) -> str:
+        """The file name as the submission writes it (no folder): ``image1661130828152.png``."""
+        return self.image_path.name
+
+    @property
+    def relpath(self) -> str:
+        """Relative path with extension, ``ID001/image1661130828152.png``: the competition's sort key."""
+        return f"{self.key.rsplit('/', 1)[0]}/{self.name}" if "/" in self.key else self.name
+
+    @property
+    def patient(self) -> str:
+        """The patient folder (``ID001``): both hands of one patient share it."""
+        return self.key.split("/", 1)[0]
+
+
+@dataclass
+class SplitListing:
+    """The images of one split, sorted in submission order, and what could not be paired."""
+
+    root: Path
+    split: str
+    records: list[ImageRecord]
+    images_without_labels: list[Path] = field(default_factory=list)
+    labels_without_images: list[Path] = field(default_factory=list)
+
+    def by_key(self) -> dict[str, ImageRecord]:
+        return {record.key: record for record in self.records}
+
+    def by_name(self) -> dict[str, ImageRecord]:
+        """File name -> record; raises if two folders hold the same file name (the CSV could not tell them apart)."""
+        names: dict[str, ImageRecord] = {}
+        for record in self.records:
+            if record.name in names:
+                raise SegensError(
+                    f"{self.root}/{self.split}: file name {record.name} appears in both "
+                    f"{names[record.name].patient} and {record.patient}; submission rows could not tell them apart"
+                )
+            names[record.name] = record
+        return names
+
+
+def _keys(folder: Path, suffix: str) -> dict[str, Path]:
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in folder.rglob(f"*{suffix}") if p.is_file()}
+
+
+def discover(root: str | Path, split: str = "train", require_labels: bool | None = None) -> SplitListing:
+    """List a split's images, paired with labels by relative path.
+
+    ``require_labels`` (default: True for train) makes images without labels an error rather than a report.
+    """
+    root = Path(root)
+    if split not in SPLITS:
+        raise SegensError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    image_folder = root / split / IMAGE_DIR
+    if not image_folder.is_dir():
+        raise SegensError(
+            f"{image_folder}: not found; a data root holds {split}/{IMAGE_DIR}/IDxxx/<name>.png "
+            "(make one with `ens synth`)"
+        )
+    images = _keys(image_folder, ".png")
+    if not images:
+        raise SegensError(f"{image_folder}: no .png images found")
+    labels_folder = root / split / LABEL_DIR
+    labels = _keys(labels_folder, ".json") if labels_folder.is_dir() else {}
+    ordered = sorted(images, key=lambda key: images[key].relative_to(image_folder).as_posix())
+    records = [ImageRecord(key, images[key], labels.get(key)) for key in ordered]
+    listing = SplitListing(
+        root=root,
+        split=split,
+        records=records,
+        images_without_labels=[images[k] for k in ordered if k not in labels] if labels else [],
+        labels_without_images=sorted(labels[k] for k in labels if k not in images),
+    )
+    if require_labels is None:
+        require_labels = split == "train"
+    if require_labels and (listing.images_without_labels or not labels):
+        missing = listing.images_without_labels or [images[k] for k in ordered]
+        raise SegensError(
+            f"{labels_folder}: {len(missing)} image(s) have no label file, first {missing[0]}; "
+            f"each image needs {split}/{LABEL_DIR}/<same relative path>.json"
+        )
+    return listing
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a PNG as (H, W) uint8 grayscale (colour images are converted; 16-bit is scaled to 8-bit)."""
+    path = Path(path)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        reason = "file not found" if not path.exists() else "not a readable image"
+        raise SegensError(f"{path}: {reason}; replace or remove it")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    return np.ascontiguousarray(image)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image, reading only the PNG header when possible."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(24)
+    except OSError as exc:
+        raise SegensError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR":
+        return int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big")
+    return read_image(path).shape[:2]
+
+
+def read_record_mask(record: ImageRecord) -> np.ndarray:
+    """The (29, H, W) bool ground truth of a labelled image, at the image's own size."""
+    if record.label_path is None:
+        raise SegensError(f"{record.image_path}: no label file; cannot score this image")
+    height, width = image_size(record.image_path)
+    return read_label_mask(record.label_path, height, width)

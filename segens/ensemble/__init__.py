@@ -1,0 +1,1 @@
+"""Combining members: voting strategies, post-processing, weight search, evaluation and RLE export."""

@@ -1,0 +1,1 @@
+"""Patient-grouped k-fold splits and per-fold training of members."""

@@ -1,0 +1,101 @@
+"""Label JSON files (``train/outputs_json/IDxxx/<name>.json``): reading, validating, rasterising, writing.
+
+A label file holds ``{"annotations": [{"id", "type": "poly_seg", "attributes", "points": [[x, y], ...],
+"label": class name}, ...], ...}``; every other top-level key (``metadata`` with stale sizes among them)
+is ignored. Masks are the filled polygons, one channel per class, at the image's own size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segens.classes import CLASSES, NUM_CLASSES, CLASS_TO_INDEX
+from segens.errors import SegensError
+
+Polygons = dict[str, np.ndarray]
+"""Class name -> (N, 2) int32 array of (x, y) pixel coordinates."""
+
+
+def parse_label_json(path: str | Path, text: str | bytes | None = None) -> Polygons:
+    """Read one label file into class -> (N, 2) int32 points; every class exactly once, or a SegensError."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes() if text is None else text)
+    except OSError as exc:
+        raise SegensError(f"{path}: cannot read label file ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SegensError(f"{path}: malformed JSON ({exc}); re-export the label file") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("annotations"), list):
+        raise SegensError(f"{path}: no 'annotations' list at the top level; is this a label file?")
+
+    polygons: Polygons = {}
+    for number, annotation in enumerate(raw["annotations"]):
+        where = f"{path}: annotation {number}"
+        if not isinstance(annotation, dict) or "label" not in annotation or "points" not in annotation:
+            raise SegensError(f"{where}: needs 'label' and 'points'")
+        label = annotation["label"]
+        if label not in CLASS_TO_INDEX:
+            raise SegensError(f"{where}: unknown class {label!r}; valid classes are: {', '.join(CLASSES)}")
+        if label in polygons:
+            raise SegensError(f"{where}: class {label!r} appears twice; each class must have one polygon")
+        try:
+            points = np.asarray(annotation["points"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise SegensError(f"{where} ({label}): 'points' is not a list of [x, y] numbers") from None
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+            raise SegensError(f"{where} ({label}): 'points' must be at least 3 finite [x, y] pairs")
+        polygons[label] = np.rint(points).astype(np.int32)
+    missing = [name for name in CLASSES if name not in polygons]
+    if missing:
+        raise SegensError(f"{path}: classes missing: {', '.join(missing)}; every image needs all {NUM_CLASSES}")
+    return polygons
+
+
+def check_points_inside(path: str | Path, polygons: Mapping[str, np.ndarray], height: int, width: int) -> None:
+    """Raise a SegensError if any point lies outside [0, width] x [0, height]."""
+    for label, points in polygons.items():
+        outside = (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+        if outside.any():
+            x, y = points[np.argmax(outside)]
+            raise SegensError(
+                f"{path}: class {label!r} has a point ({x}, {y}) outside the {width}x{height} image; "
+                "is the label file paired with the right image?"
+            )
+
+
+def rasterize(polygons: Mapping[str, np.ndarray], height: int, width: int) -> np.ndarray:
+    """Filled polygons as a (29, height, width) bool mask, channel order of CLASSES (cv2.fillPoly, as the
+    competition's baseline)."""
+    masks = np.zeros((NUM_CLASSES, height, width), dtype=np.uint8)
+    for label, points in polygons.items():
+        cv2.fillPoly(masks[CLASS_TO_INDEX[label]], [points.reshape(-1, 1, 2)], 1)
+    return masks.view(bool)
+
+
+def read_label_mask(path: str | Path, height: int, width: int) -> np.ndarray:
+    """Parse, validate against the image size, and rasterise a label file: (29, height, width) bool."""
+    polygons = parse_label_json(path)
+    check_points_inside(path, polygons, height, width)
+    return rasterize(polygons, height, width)
+
+
+def write_label_json(
+    path: str | Path, polygons: Mapping[str, Sequence[Sequence[int]] | np.ndarray], metadata: dict | None = None
+) -> None:
+    """Write a label file in the competition's format (class order of CLASSES, integer points)."""
+    annotations = []
+    for number, label in enumerate(name for name in CLASSES if name in polygons):
+        points = np.asarray(polygons[label]).astype(int).tolist()
+        annotations.append(
+            {"id": f"{number:04d}", "type": "poly_seg", "attributes": {}, "points": points, "label": label}
+        )
+    document = {"annotations": annotations, "attributes": {}, "file_id": Path(path).stem,
+                "parent_path": "", "last_modifier_id": "", "metadata": metadata or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document))

@@ -1,0 +1,1 @@
+"""Members: specs, one adapter module per kind (smp, yolo, csv), and the probability store."""
