@@ -48,7 +48,7 @@ _JOINT_GAP = 0.22  # cm between neighbouring phalanges
 # Carpal bones: centre (cm), length along the axis, width, axis angle (degrees), superellipse exponent, bend,
 # third-harmonic amplitude (triangularity). Neighbours overlap as in a PA radiograph.
 _CARPAL_SHAPES: dict[str, tuple[tuple[float, float], float, float, float, float, float, float]] = {
-    "Scaphoid": ((-1.55, 1.05), 2.7, 1.3, -58.0, 2.1, 0.18, 0.0),
+    "Scaphoid": ((-1.5, 0.9), 2.5, 1.25, -47.0, 2.1, 0.16, 0.0),
     "Lunate": ((0.25, 0.85), 1.55, 1.7, 5.0, 2.3, -0.15, 0.0),
     "Triquetrum": ((1.55, 1.3), 1.6, 1.3, 40.0, 2.2, 0.0, 0.04),
     "Pisiform": ((1.85, 1.05), 1.15, 1.0, 20.0, 2.0, 0.0, 0.0),
@@ -118,7 +118,7 @@ def sample_patient_traits(rng: np.random.Generator, height_cm: float = 168.0) ->
     strong = rng.random() < 0.15
     rotation = rng.choice([-1.0, 1.0]) * rng.uniform(30.0, 45.0) if strong else np.clip(rng.normal(0, 7), -15, 15)
     return {
-        "scale": 0.0335 * (height_cm / 168.0) ** 0.5 * rng.uniform(0.9, 1.08),
+        "scale": 0.041 * (height_cm / 168.0) ** 0.5 * rng.uniform(0.9, 1.08),
         "spread": rng.uniform(0.4, 1.7),
         "length": rng.uniform(0.93, 1.07),
         "rotation": float(rotation),
@@ -273,8 +273,8 @@ def _ulna_outline(rng: np.random.Generator) -> np.ndarray:
     """Distal ulna (cm, canonical): a narrow shaft ending in a rounded head with a styloid on the ulnar side."""
     ys = np.linspace(-30.0, -1.2, 50)
     flare = _smoothstep((ys + 3.5) / 2.5)
-    centre = 1.95 - 0.15 * flare
-    half = 0.6 + 0.2 * flare
+    centre = 1.62 - 0.1 * flare
+    half = 0.55 + 0.23 * flare
     theta = np.linspace(0.0, np.pi, 40)
     head_r = half[-1]
     head = np.stack([centre[-1] + head_r * np.cos(theta), ys[-1] + 0.85 * head_r * np.sin(theta)], 1)

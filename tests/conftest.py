@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny data roots written by hand (no generator) for convention tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from segens.classes import CLASSES
+from segens.labels import write_label_json
+
+
+def square_polygons(height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One small axis-aligned square per class, placed at random inside the image; some overlap."""
+    rng = np.random.default_rng(seed)
+    polygons = {}
+    for name in CLASSES:
+        side = int(rng.integers(3, max(4, min(height, width) // 3)))
+        x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+        polygons[name] = np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]], dtype=np.int32)
+    return polygons
+
+
+def write_image(path: Path, height: int, width: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.random.default_rng(seed).integers(0, 255, (height, width), dtype=np.uint8)
+    assert cv2.imwrite(str(path), image)
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    """A data root with 2 patients x 2 images in train and 1 patient in test, 40x48 px, names with '_'."""
+    root = tmp_path / "root"
+    names = {
+        ("train", "ID001"): ["image1661130828152_R", "image1661130828153"],
+        ("train", "ID002"): ["image1661130900000", "image1661130900001_L"],
+        ("test", "ID003"): ["image1661140000000", "image1661140000001"],
+    }
+    for number, ((split, patient), stems) in enumerate(names.items()):
+        for offset, stem in enumerate(stems):
+            seed = number * 10 + offset
+            write_image(root / split / "DCM" / patient / f"{stem}.png", 40, 48, seed)
+            write_label_json(root / split / "outputs_json" / patient / f"{stem}.json", square_polygons(40, 48, seed),
+                             metadata={"width": 2048, "height": 2048})
+    return root
