@@ -1,31 +1,15 @@
-"""The ``ens`` command: argument parsing and printing only; every command calls one segens function."""
+"""Commands for data: ``ens synth``, ``ens selfcheck``, ``ens evaluate``."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from segens.errors import SegensError
-
-app = typer.Typer(
-    name="ens",
-    help=(
-        "segens: turn k-fold segmentation checkpoints into a reproducible, searched ensemble.\n\n"
-        "Hand-bone X-rays, 29 overlapping classes, Dice, RLE submissions.\n\n"
-        "Example: ens synth data/ --size 512   then   ens evaluate submission.csv --data data/"
-    ),
-    no_args_is_help=True,
-    rich_markup_mode="markdown",
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-output = Console()
+from segens.cli._app import app, output
 
 
 @app.command()
@@ -104,12 +88,3 @@ def evaluate(
         shown.add_row(name, f"{score:.4f}")
     shown.add_row("[bold]mean", f"[bold]{table.mean():.4f}")
     output.print(shown)
-
-
-def main() -> None:
-    """Console entry point: bad input is one clear line on stderr and exit status 2, never a traceback."""
-    try:
-        app()
-    except SegensError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
