@@ -20,6 +20,7 @@ def synth(
     size: Annotated[int, typer.Option(help="Image side in pixels (the real data is 2048).")] = 2048,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical data set.")] = 0,
     preview: Annotated[Path | None, typer.Option(help="Also write an overlay PNG of a few images.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace train/, test/ and meta_data.xlsx if ROOT has them.")] = False,
 ) -> None:
     """Write a synthetic hand X-ray data set in the competition's exact layout.
 
@@ -31,7 +32,7 @@ def synth(
     from segens.synth import generate, preview as make_preview
 
     summary = generate(root, n_train_patients=train_patients, n_test_patients=test_patients, size=size,
-                       seed=seed, progress=True)
+                       seed=seed, progress=True, overwrite=overwrite)
     output.print(f"wrote {summary}")
     if preview is not None:
         output.print(f"preview: {make_preview(root, preview)}")
