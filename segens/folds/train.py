@@ -1,0 +1,81 @@
+"""``ens train-member``: train a member's checkpoint for each requested fold on the other folds and write the
+checkpoints into its spec, so that ``ens predict-member`` uses them without any editing by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from joblib import Parallel, delayed
+
+from segens.dataset import discover
+from segens.errors import SegensError
+from segens.folds.splits import load_folds
+from segens.members.base import FoldResult
+from segens.members.registry import factory
+from segens.members.spec import load_spec, save_spec
+
+
+@dataclass
+class FoldSummary:
+    """One trained fold: its number, image counts, best validation Dice, epochs run, checkpoint path."""
+
+    fold: int
+    train_images: int
+    val_images: int
+    val_dice: float | None
+    epochs: int
+    checkpoint: Path
+
+
+def parse_fold_choice(choice: str, k: int) -> list[int]:
+    """``all`` -> 0..k-1; ``2`` or ``0,3`` -> those folds, each checked against k."""
+    if choice == "all":
+        return list(range(k))
+    try:
+        folds = [int(part) for part in choice.split(",")]
+    except ValueError:
+        raise SegensError(f"--fold must be 'all' or fold numbers like 0 or 0,3, got {choice!r}") from None
+    bad = [fold for fold in folds if not 0 <= fold < k]
+    if bad:
+        raise SegensError(f"--fold {bad[0]} is outside the folds file's 0..{k - 1}")
+    return folds
+
+
+def _train_one(spec_path: Path, root: Path, folds_path: Path, number: int, device: str, base: Path,
+               progress: bool) -> tuple[int, FoldResult, int, int]:
+    """Train one fold in this process (a joblib worker when --jobs > 1)."""
+    spec = load_spec(spec_path)
+    folds = load_folds(folds_path)
+    records = discover(root, "train").by_key()
+    train = [records[key] for key in folds.train_keys(number)]
+    val = [records[key] for key in folds.keys_in(number)]
+    member = factory(spec.kind)(spec, device=device)
+    return number, member.train_fold(number, train, val, base / f"fold{number}", progress=progress), len(train), len(val)
+
+
+def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path, fold: str = "all",
+                 device: str = "cpu", jobs: int = 1, checkpoints_dir: str | Path | None = None,
+                 progress: bool = True) -> list[FoldSummary]:
+    """Train the requested folds (one after another, or ``jobs`` side by side); the spec is rewritten
+    atomically, by this process only, as each fold finishes.
+
+    The spec and the folds file are checked against the data root before any training starts. Checkpoints go
+    to ``checkpoints_dir`` (default: ``<spec folder>/<member name>/``), one sub-folder per fold.
+    """
+    spec_path, root, folds_path = Path(spec_path), Path(root), Path(folds_path)
+    spec = load_spec(spec_path)
+    folds = load_folds(folds_path, root=root)
+    chosen = parse_fold_choice(fold, folds.k)
+    factory(spec.kind)(spec, device=device)  # validates the spec's kind-specific fields up front
+    base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
+    tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1)
+             for number in chosen)
+    summaries = []
+    for number, result, train_count, val_count in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+        spec = load_spec(spec_path)
+        spec.checkpoints[number] = result.checkpoint
+        save_spec(spec, spec_path)
+        summaries.append(FoldSummary(number, train_count, val_count, result.checkpoint.val_dice,
+                                     len(result.history), result.checkpoint.path))
+    return sorted(summaries, key=lambda summary: summary.fold)

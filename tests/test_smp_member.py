@@ -1,0 +1,162 @@
+"""smp members: real models trained for a few steps on tiny synthetic images, checkpoints loaded back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from segens.cli import app
+from segens.errors import SegensError
+from segens.folds.splits import make_folds, save_folds
+from segens.members.registry import factory
+from segens.members.smp import SmpMember
+from segens.members.spec import MemberSpec, load_spec
+from segens.synth import generate
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smp") / "data"
+    generate(root, n_train_patients=3, n_test_patients=1, size=96, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folds_file(small_root: Path) -> Path:
+    folds, _ = make_folds(small_root, k=3, seed=0)
+    path = small_root.parent / "folds.json"
+    save_folds(folds, path)
+    return path
+
+
+def write_spec(path: Path, epochs: int, **model) -> Path:
+    document = {"name": "unetpp-r18", "kind": "smp", "input_size": 64, "tta": ["hflip"],
+                "model": {"architecture": "UnetPlusPlus", "encoder": "resnet18", **model},
+                "train": {"epochs": epochs, "batch_size": 4, "lr": 0.01, "optimizer": "adam", "seed": 0,
+                          "loss": {"bce": 1.0, "dice": 1.0}, "augment": {"hflip": 0.5, "brightness_contrast": 0.1}}}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.mark.slow
+def test_train_resume_and_predict(small_root: Path, folds_file: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path / "member.yaml", epochs=3)
+    result = CliRunner().invoke(app, ["train-member", str(spec_path), "--data", str(small_root),
+                                      "--folds", str(folds_file), "--fold", "0"])
+    assert result.exit_code == 0, result.output
+    assert "best val Dice" in result.output
+    spec = load_spec(spec_path)
+    checkpoint = spec.checkpoints[0]
+    assert checkpoint.path.exists() and len(checkpoint.sha256) == 64
+    history = json.loads((checkpoint.path.parent / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]  # the loss falls
+
+    # an interrupted fold resumes: ask for more epochs and only the new ones run
+    write_spec(spec_path, epochs=4)
+    spec_doc = yaml.safe_load(spec_path.read_text())
+    spec_doc["checkpoints"] = {0: {"path": str(checkpoint.path), "sha256": checkpoint.sha256}}
+    spec_path.write_text(yaml.safe_dump(spec_doc))
+    result = CliRunner().invoke(app, ["train-member", str(spec_path), "--data", str(small_root),
+                                      "--folds", str(folds_file), "--fold", "0"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((checkpoint.path.parent / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+
+    member = factory("smp")(load_spec(spec_path))
+    image = np.random.default_rng(0).integers(0, 255, (70, 90), dtype=np.uint8)  # non-square, not the input size
+    (probabilities,) = member.predict([image], folds=[0])
+    assert probabilities.shape == (29, 70, 90) and probabilities.dtype == np.float32
+    assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
+
+
+def _spec(tmp_path: Path, **model) -> MemberSpec:
+    return MemberSpec(name="m", kind="smp", input_size=(64, 64), model={"architecture": "Unet", "encoder": "resnet18", **model},
+                      path=tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize("encoder", ["vgg19", "tu-hrnet_w18_small"])
+def test_unetplusplus_encoders_load_from_state_dict_and_save_pretrained(tmp_path: Path, encoder: str) -> None:
+    spec = MemberSpec(name="m", kind="smp", input_size=(64, 64),
+                      model={"architecture": "UnetPlusPlus", "encoder": encoder}, path=tmp_path / "m.yaml")
+    member = SmpMember(spec)
+    model = member.new_model()
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    loaded = member.load_checkpoint(tmp_path / "state.pt")
+    model.save_pretrained(str(tmp_path / "pretrained"))
+    from_folder = member.load_checkpoint(tmp_path / "pretrained")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), from_folder(x), atol=1e-5)
+
+
+def test_pickled_model_needs_trust(tmp_path: Path) -> None:
+    model = smp.Unet("resnet18", encoder_weights=None, classes=29)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(SegensError, match="runs code"):
+        SmpMember(_spec(tmp_path)).load_checkpoint(tmp_path / "whole.pt")
+    assert SmpMember(_spec(tmp_path), trust_pickle=True).load_checkpoint(tmp_path / "whole.pt") is not None
+
+
+class DictOutput(torch.nn.Module):
+    """A model whose forward returns a dict, as torchvision-style segmentation models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = smp.Unet("resnet18", encoder_weights=None, classes=29)
+
+    def forward(self, x):
+        return {"out": self.inner(x), "aux": None}
+
+
+class TupleOutput(DictOutput):
+    """A model whose forward returns a tuple (logits first)."""
+
+    def forward(self, x):
+        return (self.inner(x), None)
+
+
+def test_dict_and_tuple_outputs_are_handled(tmp_path: Path) -> None:
+    image = np.zeros((50, 40), np.uint8)
+    for module in (DictOutput(), TupleOutput()):
+        torch.save(module, tmp_path / "wrapped.pt")
+        member = SmpMember(_spec(tmp_path), trust_pickle=True)
+        member._models[0] = member.load_checkpoint(tmp_path / "wrapped.pt")
+        assert member.predict([image], [0])[0].shape == (29, 50, 40)
+
+
+def test_bad_checkpoints_and_specs(tmp_path: Path) -> None:
+    wrong_classes = smp.Unet("resnet18", encoder_weights=None, classes=3)
+    torch.save(wrong_classes.state_dict(), tmp_path / "three.pt")
+    with pytest.raises(SegensError, match="do not fit"):
+        SmpMember(_spec(tmp_path)).load_checkpoint(tmp_path / "three.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(SegensError, match="junk.pt"):
+        SmpMember(_spec(tmp_path)).load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(SegensError, match="unknown encoder 'resnet1800'.*resnet18"):
+        SmpMember(_spec(tmp_path, encoder="resnet1800")).new_model()
+    with pytest.raises(SegensError, match="unknown architecture 'UNetXL'.*UnetPlusPlus"):
+        SmpMember(_spec(tmp_path, architecture="UNetXL")).new_model()
+    with pytest.raises(SegensError, match="unknown model field"):
+        SmpMember(_spec(tmp_path, colour="blue"))
+    with pytest.raises(SegensError, match="multiple of 32"):
+        SmpMember(MemberSpec(name="m", kind="smp", input_size=(50, 64), model={"architecture": "Unet", "encoder": "resnet18"}))
+
+
+def test_folds_file_that_does_not_match_the_root_stops_before_training(small_root: Path, folds_file: Path,
+                                                                        tmp_path: Path) -> None:
+    doc = json.loads(folds_file.read_text())
+    doc["folds"].pop(next(iter(doc["folds"])))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(doc))
+    spec_path = write_spec(tmp_path / "member.yaml", epochs=1)
+    result = CliRunner().invoke(app, ["train-member", str(spec_path), "--data", str(small_root), "--folds", str(broken)])
+    assert result.exit_code != 0
+    assert not (tmp_path / "unetpp-r18").exists()
