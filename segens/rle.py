@@ -92,39 +92,48 @@ def _integers(text: str) -> np.ndarray | None:
         return None
 
 
-def parse(rle: str, height: int, width: int, where: str = "RLE") -> tuple[np.ndarray, np.ndarray]:
-    """Validated 0-indexed (starts, ends) of an RLE string for a height x width image.
+_RUN_ERRORS = {
+    1: "RLE starts must be >= 1 and lengths >= 1",
+    2: "RLE runs overlap or are out of order",
+}
 
-    Raises SegensError (naming ``where``) for text that is not pairs of integers, non-positive lengths, runs
-    out of order or overlapping, or runs past the end of the image.
+
+def parse_pairs(rle: str, height: int, width: int, where: str = "RLE") -> np.ndarray:
+    """Validated int64 ``[start1, length1, start2, length2, ...]`` (starts 1-indexed) of an RLE string.
+
+    Raises SegensError (naming ``where``) for text that is not pairs of integers, non-positive starts or
+    lengths, runs out of order or overlapping, or runs past the end of a height x width image.
     """
     text = rle.strip() if isinstance(rle, str) else ""
     if not text:
         if isinstance(rle, str) or rle is None or (isinstance(rle, float) and np.isnan(rle)):
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty
+            return np.empty(0, dtype=np.int64)
         raise SegensError(f"{where}: RLE must be a string, got {type(rle).__name__}")
     numbers = _integers(text)
     if numbers is None:
         raise SegensError(f"{where}: RLE holds something other than integers: {text[:60]!r}")
     if numbers.size % 2:
         raise SegensError(f"{where}: RLE has an odd count of numbers ({numbers.size}); it must be start/length pairs")
-    starts, lengths = numbers[0::2] - 1, numbers[1::2]
-    if (starts < 0).any() or (lengths <= 0).any():
-        raise SegensError(f"{where}: RLE starts must be >= 1 and lengths >= 1")
-    ends = starts + lengths
-    if (starts[1:] < ends[:-1]).any():
-        raise SegensError(f"{where}: RLE runs overlap or are out of order")
-    if ends.size and ends[-1] > height * width:
+    problem, last_end = _check_pairs(numbers)
+    if problem:
+        raise SegensError(f"{where}: {_RUN_ERRORS[problem]}")
+    if last_end > height * width:
         raise SegensError(
-            f"{where}: RLE runs past the end of a {width}x{height} image (pixel {int(ends[-1])} > {height * width}); "
+            f"{where}: RLE runs past the end of a {width}x{height} image (pixel {last_end} > {height * width}); "
             "was it encoded for another image size?"
         )
-    return starts, ends
+    return numbers
+
+
+def parse(rle: str, height: int, width: int, where: str = "RLE") -> tuple[np.ndarray, np.ndarray]:
+    """Validated 0-indexed (starts, ends) of an RLE string, ends exclusive; see ``parse_pairs``."""
+    numbers = parse_pairs(rle, height, width, where)
+    starts = numbers[0::2] - 1
+    return starts, starts + numbers[1::2]
 
 
 def decode(rle: str, height: int, width: int, where: str = "RLE") -> np.ndarray:
-    """(height, width) bool mask of an RLE string (empty string: all False); validated, see ``parse``."""
+    """(height, width) bool mask of an RLE string (empty string: all False); validated, see ``parse_pairs``."""
     mask = np.zeros((height, width), dtype=bool)
     box, sub = decode_box(rle, height, width, where)
     if box is not None:
@@ -148,32 +157,49 @@ def decode_box(rle: str, height: int, width: int, where: str = "RLE") -> tuple[B
     Returns (None, an empty (0, 0) array) for an empty mask. Only the box is allocated and painted, in
     compiled code, so the cost follows the object's size, not the image's.
     """
-    starts, ends = parse(rle, height, width, where)
-    if starts.size == 0:
+    numbers = parse_pairs(rle, height, width, where)
+    if numbers.size == 0:
         return None, np.zeros((0, 0), dtype=bool)
-    row0, row1, col0, col1 = _runs_box(starts, ends, width)
+    row0, row1, col0, col1 = _pairs_box(numbers, width)
     sub = np.zeros((row1 - row0, col1 - col0), dtype=bool)
-    _paint_runs(starts, ends, width, row0, col0, sub)
+    _paint_pairs(numbers, width, row0, col0, sub)
     return (row0, row1, col0, col1), sub
 
 
 @numba.njit(cache=True, nogil=True)
-def _runs_box(starts: np.ndarray, ends: np.ndarray, width: int) -> tuple[int, int, int, int]:  # pragma: no cover
-    row0 = starts[0] // width
-    row1 = (ends[-1] - 1) // width + 1
+def _check_pairs(numbers: np.ndarray) -> tuple[int, int]:  # pragma: no cover - compiled
+    """(problem code or 0, exclusive 1-indexed end of the last run)."""
+    previous_end = 0
+    for index in range(0, numbers.size, 2):
+        start, length = numbers[index], numbers[index + 1]
+        if start < 1 or length < 1:
+            return 1, 0
+        if start <= previous_end:
+            return 2, 0
+        previous_end = start + length - 1
+    return 0, previous_end
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairs_box(numbers: np.ndarray, width: int) -> tuple[int, int, int, int]:  # pragma: no cover - compiled
+    first, last = numbers[0] - 1, numbers[-2] - 1 + numbers[-1] - 1
+    row0, row1 = first // width, last // width + 1
     col0, col1 = width, 0
-    for index in range(starts.size):
-        if starts[index] // width != (ends[index] - 1) // width:
+    for index in range(0, numbers.size, 2):
+        start = numbers[index] - 1
+        end = start + numbers[index + 1] - 1  # inclusive
+        if start // width != end // width:
             return row0, row1, 0, width
-        col0 = min(col0, starts[index] % width)
-        col1 = max(col1, (ends[index] - 1) % width + 1)
+        col0 = min(col0, start % width)
+        col1 = max(col1, end % width + 1)
     return row0, row1, col0, col1
 
 
 @numba.njit(cache=True, nogil=True)
-def _paint_runs(starts, ends, width, row0, col0, sub) -> None:  # pragma: no cover - compiled
-    for index in range(starts.size):
-        position, end = starts[index], ends[index]
+def _paint_pairs(numbers, width, row0, col0, sub) -> None:  # pragma: no cover - compiled
+    for index in range(0, numbers.size, 2):
+        position = numbers[index] - 1
+        end = position + numbers[index + 1]
         while position < end:
             row, col = position // width, position % width
             stop = min(end, (row + 1) * width)

@@ -40,3 +40,31 @@ def train_member(
         table.add_row(str(summary.fold), str(summary.train_images), str(summary.val_images), str(summary.epochs),
                       dice, str(summary.checkpoint))
     output.print(table)
+
+
+@app.command("predict-member")
+def predict_member(
+    spec: Annotated[Path, typer.Argument(help="Member spec YAML with checkpoints (from `ens train-member`).")],
+    split: Annotated[str, typer.Option(help="oof: training images, each by the fold model that held it out; test: test images, folds averaged.")],
+    data: Annotated[Path, typer.Option(help="Data root.")],
+    out: Annotated[str, typer.Option(help="Store to write, e.g. stores/unetpp.oof.zarr (a path or fsspec URL).")],
+    folds: Annotated[Path | None, typer.Option(help="folds.json; required for --split oof.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start the store again instead of resuming it.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto (autocast on CUDA).")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
+) -> None:
+    """Write a member's per-class probability maps at original resolution into a zarr store (uint8, p = v/255).
+
+    Completed images are skipped, so re-running resumes (a killed run loses at most the images in flight);
+    `--overwrite` starts again. Checkpoint hashes are checked against the spec and recorded in the store.
+
+    Example: `ens predict-member members/unetpp-vgg19.yaml --split oof --data data/ --folds folds.json --out stores/unetpp.oof.zarr`
+    """
+    from segens.members.predict import predict_member as run
+
+    summary = run(spec, split, data, out, folds_path=folds, overwrite=overwrite, device=device,
+                  trust_pickle=trust_pickle, batch_size=batch_size)
+    rate = summary.written / summary.seconds if summary.seconds and summary.written else 0.0
+    output.print(f"{summary.store}: {summary.written} image(s) written, {summary.skipped} already complete, "
+                 f"{summary.seconds:.1f} s ({rate:.2f} img/s)")

@@ -1,7 +1,8 @@
 """Members of kind ``smp``: any segmentation-models-pytorch architecture and encoder (UnetPlusPlus with vgg19
 or tu-hrnet_w64 first of all) with a 29-channel sigmoid head: per-fold training and prediction.
 
-Spec fields: ``model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weights: null, in_channels: 3}``;
+Spec fields: ``model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weights: null, in_channels: 3,
+options: {decoder_attention_type: scse}}`` (options: keyword arguments of the architecture);
 ``train: {epochs, batch_size, lr, weight_decay, optimizer: adam|adamw|lion, scheduler: none|plateau|cosine,
 loss: {bce: 0.5, dice: 0.5}, augment: {hflip: 0.5, rotate: 15, clahe: 0.3, brightness_contrast: 0.2},
 seed, workers}``. Checkpoints are a dict of the architecture fields and the state_dict (``format:
@@ -20,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from segens.classes import NUM_CLASSES
 from segens.dataset import ImageRecord, read_image, read_record_mask
@@ -33,14 +33,14 @@ from segens.folds.torchdata import LabelledImages, resize_image
 from segens.members.base import FoldResult
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
+from segens.progress import console, progress_bar
 
-MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels")
+MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "scheduler", "loss", "augment",
                 "seed", "workers", "predict_batch_size")
 OPTIMIZERS = ("adam", "adamw", "lion")
 SCHEDULERS = ("none", "plateau", "cosine")
 CHECKPOINT_FORMAT = "segens-smp"
-console = Console(stderr=True)
 
 
 def _check_fields(section: dict, allowed: Sequence[str], where: str, name: str) -> None:
@@ -50,8 +50,9 @@ def _check_fields(section: dict, allowed: Sequence[str], where: str, name: str) 
 
 
 def build_model(architecture: str, encoder: str, encoder_weights: str | None = None, in_channels: int = 3,
-                where: str = "member spec") -> torch.nn.Module:
-    """A fresh smp model with a 29-channel head; unknown architecture or encoder names the valid choices."""
+                options: dict[str, Any] | None = None, where: str = "member spec") -> torch.nn.Module:
+    """A fresh smp model with a 29-channel head (``options``: extra keyword arguments of the architecture,
+    e.g. decoder_channels); an unknown architecture or encoder names the valid choices."""
     import segmentation_models_pytorch as smp
 
     architectures = {name.lower(): name for name in ("Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet",
@@ -70,7 +71,9 @@ def build_model(architecture: str, encoder: str, encoder_weights: str | None = N
                               "(e.g. tu-hrnet_w64, tu-hrnet_w18_small; see timm.list_models())")
     try:
         return smp.create_model(architecture, encoder_name=encoder, encoder_weights=encoder_weights,
-                                in_channels=in_channels, classes=NUM_CLASSES)
+                                in_channels=in_channels, classes=NUM_CLASSES, **(options or {}))
+    except TypeError as exc:
+        raise SegensError(f"{where}: bad model.options for {architecture}: {exc}") from None
     except (RuntimeError, OSError, ValueError) as exc:
         if encoder_weights:
             raise SegensError(f"{where}: encoder weights {encoder_weights!r} for {encoder} could not be loaded "
@@ -117,7 +120,7 @@ class SmpMember:
     def new_model(self) -> torch.nn.Module:
         model = self.spec.model
         return build_model(model["architecture"], model["encoder"], model.get("encoder_weights"),
-                           int(model.get("in_channels", 3)), self.where)
+                           int(model.get("in_channels", 3)), model.get("options"), self.where)
 
     def load_checkpoint(self, path: Path) -> torch.nn.Module:
         """A model from a segens checkpoint, a state_dict, an smp ``save_pretrained`` folder or (trusted) a pickle."""
@@ -143,7 +146,8 @@ class SmpMember:
                     "--trust-pickle if you trust its source, or re-save it as a state_dict") from None
             return self._checked(torch.load(path, map_location="cpu", weights_only=False), path)
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-            model = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"], str(path))
+            model = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
+                                payload.get("options"), str(path))
             state = payload["state_dict"]
         elif isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
             model, state = self.new_model(), payload
@@ -152,7 +156,7 @@ class SmpMember:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            message = str(exc).splitlines()[0]
+            message = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
             raise SegensError(f"{path}: weights do not fit {self.spec.model.get('architecture')}/"
                               f"{self.spec.model.get('encoder')} with {NUM_CLASSES} classes ({message})") from None
         return self._checked(model, path)
@@ -265,15 +269,15 @@ class SmpMember:
     def _checkpoint_payload(self, model: torch.nn.Module) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "architecture": self.spec.model["architecture"],
                 "encoder": self.spec.model["encoder"], "in_channels": int(self.spec.model.get("in_channels", 3)),
+                "options": self.spec.model.get("options") or {},
                 "classes": NUM_CLASSES, "input_size": list(self.spec.input_size),
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
     def _train_epoch(self, model, loader, optimizer, loss_fn, label: str, progress: bool) -> float:
         model.train()
         total, count = 0.0, 0
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
+        loss_column = TextColumn("loss {task.fields[loss]:.4f}")
+        with progress_bar("batch", disable=not progress, extra=(loss_column,), transient=True) as bar:
             task = bar.add_task(label, total=len(loader), loss=float("nan"))
             for images, masks in loader:
                 images, masks = images.to(self.device), masks.to(self.device)

@@ -1,0 +1,80 @@
+"""Members of kind ``csv``: an existing submission CSV imported as a binary member (p is 0 or 1), matched to
+images by (image_name, class), never by row position. This is how users vote over CSVs they already have.
+
+Spec: ``model: {oof: team_a_oof.csv, test: team_a_test.csv}`` (paths relative to the spec's folder); either
+may be left out if that split is not needed. The CSV files play the role of checkpoints (path and sha256).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segens.dataset import ImageRecord, image_size
+from segens.errors import SegensError
+from segens.members.registry import register
+from segens.members.spec import MemberSpec, sha256_of
+from segens.rle import decode_stack
+from segens.submission import Submission, read_submission
+
+SPLIT_FIELDS = ("oof", "test")
+
+
+@register("csv")
+class CsvMember:
+    """Adapter that reads masks from a submission CSV instead of running a network."""
+
+    uses_folds = False
+
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
+        where = str(spec.path or spec.name)
+        unknown = sorted(set(spec.model) - set(SPLIT_FIELDS))
+        if unknown:
+            raise SegensError(f"{where}: unknown model field(s) {', '.join(unknown)} for kind csv; "
+                              f"allowed: {', '.join(SPLIT_FIELDS)} (a CSV path per split)")
+        self.spec = spec
+        self.where = where
+        self._submissions: dict[str, Submission] = {}
+
+    def csv_path(self, split: str) -> Path:
+        """The CSV of a split, relative paths taken from the spec's folder."""
+        if split not in self.spec.model:
+            raise SegensError(f"{self.where}: member {self.spec.name!r} names no CSV for split {split!r} "
+                              f"(add model: {{{split}: path.csv}})")
+        path = Path(self.spec.model[split])
+        base = self.spec.path.parent if self.spec.path else Path.cwd()
+        path = path if path.is_absolute() else base / path
+        if not path.exists():
+            raise SegensError(f"{path}: CSV of member {self.spec.name!r} ({split}) not found")
+        return path
+
+    def checkpoints_for(self, split: str) -> dict[int, dict[str, str]]:
+        """The CSV file of the split as the store's only 'checkpoint' (fold 0: path and sha256)."""
+        path = self.csv_path(split)
+        return {0: {"path": str(path), "sha256": sha256_of(path)}}
+
+    def check_images(self, split: str, records: Sequence[ImageRecord]) -> None:
+        """Every CSV image must be one of ``records`` (a CSV of another split or data set is an error)."""
+        submission = self._submission(split)
+        names = {record.name for record in records}
+        extra = sorted(set(submission.rles) - names)
+        if extra:
+            raise SegensError(f"{submission.path}: {len(extra)} image(s) are not in this split of the data root, "
+                              f"first {extra[0]}; is it the CSV of another split?")
+
+    def _submission(self, split: str) -> Submission:
+        if split not in self._submissions:
+            self._submissions[split] = read_submission(self.csv_path(split))
+        return self._submissions[split]
+
+    def predict_records(self, records: Sequence[ImageRecord], split: str) -> list[np.ndarray]:
+        """(29, H, W) uint8 maps, 255 inside each class's mask and 0 elsewhere, at each image's own size."""
+        submission = self._submission(split)
+        maps = []
+        for record in records:
+            height, width = image_size(record.image_path)
+            masks = decode_stack(submission.image(record.name), height, width, f"{submission.path} {record.name}")
+            maps.append(masks.view(np.uint8) * np.uint8(255))
+        return maps

@@ -1,0 +1,135 @@
+"""ens predict-member: real smp models and CSV members end to end into real zarr stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from segens.cli import app
+from segens.dataset import discover, read_image, read_record_mask
+from segens.errors import SegensError
+from segens.folds.splits import load_folds, make_folds, save_folds
+from segens.members.predict import predict_member
+from segens.members.registry import factory
+from segens.members.spec import load_spec, sha256_of
+from segens.members.store import open_store, quantize
+from segens.rle import encode_stack
+from segens.submission import image_rows, read_submission, write_submission
+from segens.synth import generate
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A data root, folds and an smp member whose three fold checkpoints are real (untrained) models."""
+    base = tmp_path_factory.mktemp("predict")
+    generate(base / "data", n_train_patients=3, n_test_patients=1, size=80, seed=2)
+    folds, _ = make_folds(base / "data", k=3, seed=0)
+    save_folds(folds, base / "folds.json")
+    checkpoints = {}
+    for fold in range(3):
+        torch.manual_seed(fold)
+        model = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(32, 16, 16, 8, 8))
+        path = base / f"fold{fold}.pt"
+        torch.save(model.state_dict(), path)
+        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
+    (base / "unet.yaml").write_text(yaml.safe_dump({
+        "name": "unet", "kind": "smp", "input_size": 64, "tta": ["hflip"],
+        "model": {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
+        "checkpoints": checkpoints}))
+    return base
+
+
+def test_oof_store_uses_the_held_out_fold(project: Path) -> None:
+    spec_path = project / "unet.yaml"
+    document = yaml.safe_load(spec_path.read_text())
+    out = project / "unet.oof.zarr"
+    summary = predict_member(spec_path, "oof", project / "data", out, folds_path=project / "folds.json", progress=False)
+    assert summary.written == 6 and summary.skipped == 0
+    store = open_store(out)
+    folds = load_folds(project / "folds.json")
+    assert store.split == "oof" and store.member == "unet" and len(store.keys()) == 6
+    record = discover(project / "data", "train").records[0]
+    member = factory("smp")(load_spec(spec_path))
+    (expected,) = member.predict([read_image(record.image_path)], [folds.fold_of(record.key)])
+    assert np.array_equal(store.read(record.key), quantize(expected))
+    assert store.image_size(record.key) == (80, 80)
+    assert {int(fold) for fold in store.checkpoints} == {0, 1, 2}
+    assert document["checkpoints"][0]["sha256"] == store.checkpoints[0]["sha256"]
+
+    again = predict_member(spec_path, "oof", project / "data", out, folds_path=project / "folds.json", progress=False)
+    assert again.written == 0 and again.skipped == 6
+
+
+def test_test_store_averages_every_fold(project: Path) -> None:
+    result = CliRunner().invoke(app, ["predict-member", str(project / "unet.yaml"), "--split", "test", "--data",
+                                      str(project / "data"), "--out", str(project / "unet.test.zarr")])
+    assert result.exit_code == 0, result.output
+    store = open_store(project / "unet.test.zarr")
+    record = discover(project / "data", "test", require_labels=False).records[0]
+    member = factory("smp")(load_spec(project / "unet.yaml"))
+    (expected,) = member.predict([read_image(record.image_path)], [0, 1, 2])
+    assert np.array_equal(store.read(record.key), quantize(expected))
+
+
+def test_bad_inputs_name_the_file(project: Path, tmp_path: Path) -> None:
+    with pytest.raises(SegensError, match="needs --folds"):
+        predict_member(project / "unet.yaml", "oof", project / "data", tmp_path / "x.zarr", progress=False)
+    document = yaml.safe_load((project / "unet.yaml").read_text())
+    document["checkpoints"][1]["sha256"] = "0" * 64
+    changed = project / "changed.yaml"
+    changed.write_text(yaml.safe_dump(document))
+    with pytest.raises(SegensError, match="fold1.pt: sha256"):
+        predict_member(changed, "test", project / "data", tmp_path / "y.zarr", progress=False)
+    document["checkpoints"].pop(1)
+    changed.write_text(yaml.safe_dump(document))
+    with pytest.raises(SegensError, match="no checkpoint for fold 1"):
+        predict_member(changed, "oof", project / "data", tmp_path / "z.zarr", folds_path=project / "folds.json",
+                       progress=False)
+    document["colour"] = "blue"
+    changed.write_text(yaml.safe_dump(document))
+    with pytest.raises(SegensError, match="unknown field"):
+        predict_member(changed, "test", project / "data", tmp_path / "w.zarr", progress=False)
+    assert not (tmp_path / "w.zarr").exists()
+
+
+def _labels_csv(root: Path, path: Path, drop_last: bool = False) -> list[tuple[str, str, str]]:
+    rows = []
+    for record in discover(root, "test").records:
+        rows.extend(image_rows(record.name, encode_stack(read_record_mask(record))))
+    write_submission(path, rows[:-1] if drop_last else rows)
+    return rows
+
+
+def test_csv_member_round_trip(project: Path, tmp_path: Path) -> None:
+    rows = _labels_csv(project / "data", tmp_path / "team.csv")
+    (tmp_path / "team.yaml").write_text(yaml.safe_dump({"name": "team", "kind": "csv", "model": {"test": "team.csv"}}))
+    summary = predict_member(tmp_path / "team.yaml", "test", project / "data", tmp_path / "team.test.zarr", progress=False)
+    assert summary.written == 2
+    store = open_store(tmp_path / "team.test.zarr")
+    back = []
+    for record in discover(project / "data", "test").records:
+        back.extend(image_rows(record.name, encode_stack(store.read(record.key) >= 128)))
+    write_submission(tmp_path / "back.csv", back)
+    assert back == rows
+    assert read_submission(tmp_path / "back.csv").rles == read_submission(tmp_path / "team.csv").rles
+
+
+def test_csv_member_errors(project: Path, tmp_path: Path) -> None:
+    _labels_csv(project / "data", tmp_path / "short.csv", drop_last=True)
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump({"name": "s", "kind": "csv", "model": {"test": "short.csv"}}))
+    with pytest.raises(SegensError, match="short.csv: image .* has no row for class"):
+        predict_member(tmp_path / "short.yaml", "test", project / "data", tmp_path / "s.zarr", progress=False)
+    (tmp_path / "big.csv").write_text("image_name,class,rle\n" + "".join(
+        f"{record.name},{c},{'1 999999' if c == 'Ulna' else ''}\n"
+        for record in discover(project / "data", "test").records for c in __import__("segens.classes").classes.CLASSES))
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump({"name": "b", "kind": "csv", "model": {"test": "big.csv"}}))
+    with pytest.raises(SegensError, match="runs past the end"):
+        predict_member(tmp_path / "big.yaml", "test", project / "data", tmp_path / "b.zarr", progress=False)
+    with pytest.raises(SegensError, match="names no CSV for split 'oof'"):
+        predict_member(tmp_path / "big.yaml", "oof", project / "data", tmp_path / "c.zarr", progress=False)
