@@ -1,0 +1,389 @@
+"""Member kind ``yolo``: ultralytics YOLOv8-seg, trained from its model YAML (no downloaded weights), predicting
+soft (29, H, W) probability maps.
+
+```yaml
+kind: yolo
+input_size: 640                  # square side the images are letterboxed to
+tta: [hflip]                     # optional
+model: {config: yolov8n-seg.yaml, conf: 0.01, iou: 0.7, max_det: 300}   # the defaults
+train: {epochs: 50, batch: 8, seed: 0, patience: 100, optimizer: AdamW, lr0: 0.001}
+```
+
+Ultralytics only returns binary masks. A class's probability here is the maximum over its kept instances of
+``sigmoid(mask logit) * box confidence``, computed at the image's original size with the same upsampling as
+ultralytics' ``retina_masks=True`` (so ``sigmoid > 0.5`` is exactly its mask). Training uses
+``overlap_mask=False``: ultralytics' default paints instance masks over one another and loses multi-label pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no network checks or downloads
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.models.yolo.segment import SegmentationPredictor  # noqa: E402
+from ultralytics.utils import LOGGER, ops  # noqa: E402
+from ultralytics.utils.patches import torch_load  # noqa: E402
+
+from segens.atomic import atomic_write_text  # noqa: E402
+from segens.classes import NUM_CLASSES  # noqa: E402
+from segens.dataset import ImageRecord, read_image, read_record_mask  # noqa: E402
+from segens.dice import DiceTable, dice_per_class  # noqa: E402
+from segens.errors import SegensError  # noqa: E402
+from segens.folds.yolo_data import write_fold_dataset  # noqa: E402
+from segens.members.base import FoldResult  # noqa: E402
+from segens.members.registry import register  # noqa: E402
+from segens.members.spec import Checkpoint, MemberSpec, sha256_of  # noqa: E402
+
+MODEL_DEFAULTS: dict[str, Any] = {"config": "yolov8n-seg.yaml", "conf": 0.01, "iou": 0.7, "max_det": 300}
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 50, "batch": 8, "seed": 0}
+# Ultralytics training arguments a spec may set, under ultralytics' own names (its defaults apply when absent).
+# nbs: ultralytics accumulates gradients up to a nominal batch of 64 images, so a tiny data set takes no optimizer
+# step at all after warmup unless nbs is lowered to the batch size.
+TRAIN_FIELDS = ("epochs", "batch", "lr0", "lrf", "optimizer", "seed", "patience", "nbs", "warmup_epochs",
+                "cos_lr", "weight_decay", "momentum", "close_mosaic", "mosaic", "fliplr", "scale", "translate",
+                "degrees", "hsv_v")
+_ABOVE_HALF = float(np.nextafter(np.float32(0.5), np.float32(1)))
+RUN_NAME = "train"  # ultralytics run folder inside out_dir: out_dir/train/weights/{best,last}.pt
+DONE_FILE = "segens_fold.json"  # written after the validation Dice; a finished fold is returned from it
+
+
+@dataclass
+class SoftResult:
+    """One image's soft prediction: kept boxes (N, 6) float32 [x1, y1, x2, y2, conf, class] at the original size,
+    class maps (29, H, W) float32, and, when asked for, instance mask probabilities (N, H, W) float32."""
+
+    boxes: np.ndarray
+    class_maps: np.ndarray
+    instances: np.ndarray | None = None
+    speed: dict | None = None  # set by ultralytics' predictor loop
+
+
+def instance_probability_chunks(protos: torch.Tensor, coefficients: torch.Tensor, boxes: torch.Tensor,
+                                shape: tuple[int, int]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Mask probabilities of N instances at the original ``shape``, zero outside each box (boxes xyxy at that
+    size), yielded in chunks ``(rows, (n, H, W) float32)`` so that large images with many instances fit in memory.
+
+    The logits are upsampled exactly as ultralytics 8.4's ``ops.process_mask_native`` does (proto x f, then
+    ``scale_masks`` removes the letterbox), so ``probability > 0.5`` reproduces ``retina_masks=True``."""
+    channels, mask_h, mask_w = protos.shape
+    height, width = shape
+    logits = (coefficients @ protos.float().view(channels, -1)).view(1, -1, mask_h, mask_w)
+    gain = min(4 * mask_h / height, 4 * mask_w / width)  # prototypes are at 1/4 of the letterboxed input
+    pad = (4 * mask_h - max(round(height * gain), 1)) | (4 * mask_w - max(round(width * gain), 1))
+    factor = 4 // math.gcd(4, pad | pad // 2)  # smallest upsampling that crops the letterbox on whole pixels
+    step = max(1, 16_000_000 // (height * width + factor * factor * mask_h * mask_w))
+    for start in range(0, logits.shape[1], step):
+        chunk = logits[:, start:start + step]
+        if factor > 1:
+            chunk = F.interpolate(chunk, scale_factor=factor, mode="bilinear")
+        logits_full = ops.scale_masks(chunk, shape)[0].float()
+        # float32 sigmoid rounds logits in (0, 6e-8) to exactly 0.5; lift those just above it so that
+        # probability > 0.5 holds exactly where ultralytics' mask (logit > 0) does
+        positive = logits_full > 0
+        probabilities = logits_full.sigmoid_()
+        probabilities = torch.where(positive, probabilities.clamp(min=_ABOVE_HALF), probabilities)
+        rows = slice(start, start + chunk.shape[1])
+        yield rows, ops.crop_mask(probabilities, boxes[rows])
+
+
+class SoftSegmentationPredictor(SegmentationPredictor):
+    """Ultralytics' segmentation predictor returning :class:`SoftResult` instead of binary ``Results``. Every kept
+    box keeps its instance (the stock predictor drops instances whose binary mask is empty)."""
+
+    keep_instances = False
+
+    def construct_result(self, pred: torch.Tensor, img: torch.Tensor, orig_img: np.ndarray, img_path: str,
+                         proto: torch.Tensor) -> SoftResult:
+        """``pred``: (N, 6 + 32) boxes at the letterboxed size, confidence, class, mask coefficients."""
+        height, width = orig_img.shape[:2]
+        boxes = ops.scale_boxes(img.shape[2:], pred[:, :4].clone(), orig_img.shape)
+        confidences, classes = pred[:, 4].float(), pred[:, 5].long()
+        class_maps = torch.zeros((len(self.model.names), height, width), dtype=torch.float32, device=proto.device)
+        instances = []
+        if len(pred):
+            for rows, probabilities in instance_probability_chunks(proto, pred[:, 6:], boxes, (height, width)):
+                if self.keep_instances:
+                    instances.append(probabilities.clone())
+                weighted = probabilities.mul_(confidences[rows, None, None])
+                for cls in classes[rows].unique().tolist():
+                    best = weighted[classes[rows] == cls].amax(0)
+                    torch.maximum(class_maps[cls], best, out=class_maps[cls])
+        kept = torch.cat([boxes, pred[:, 4:6]], 1).float().cpu().numpy()
+        stacked = None
+        if self.keep_instances:
+            stacked = torch.cat(instances).cpu().numpy() if instances else np.zeros((0, height, width), np.float32)
+        return SoftResult(kept, class_maps.cpu().numpy(), stacked)
+
+
+class _InstancePredictor(SoftSegmentationPredictor):
+    keep_instances = True
+
+
+def soft_predict(model: YOLO, image: np.ndarray, *, imgsz: int, conf: float, iou: float, max_det: int = 300,
+                 device: str = "cpu", keep_instances: bool = False) -> SoftResult:
+    """Soft prediction of one (H, W) uint8 grayscale image by a loaded YOLO segmentation model (see SoftResult)."""
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise SegensError(f"yolo member: expected an (H, W) uint8 grayscale image, got {image.dtype} {image.shape}")
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    predictor = _InstancePredictor if keep_instances else SoftSegmentationPredictor
+    (result,) = model.predict(source=bgr, predictor=predictor, imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
+                              device=device, verbose=False, save=False)
+    return result
+
+
+def read_history(results_csv: str | Path) -> list[dict]:
+    """Per-epoch dicts from ultralytics' results.csv: epoch, loss (sum of training losses), each training loss,
+    val_loss, mask_map50 and mask_map50_95 (the mask mAP of that epoch's validation)."""
+    path = Path(results_csv)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = [{key.strip(): float(value) for key, value in row.items() if key and value and value.strip()}
+                for row in csv.DictReader(handle)]
+    history = []
+    for row in rows:
+        train_losses = {key[len("train/"):]: value for key, value in row.items()
+                        if key.startswith("train/") and key.endswith("_loss")}
+        history.append({
+            "epoch": int(row["epoch"]),
+            "loss": sum(train_losses.values()),
+            **train_losses,
+            "val_loss": sum(value for key, value in row.items() if key.startswith("val/") and key.endswith("_loss")),
+            "mask_map50": row.get("metrics/mAP50(M)"),
+            "mask_map50_95": row.get("metrics/mAP50-95(M)"),
+        })
+    return history
+
+
+def checkpoint_state(last: Path) -> str:
+    """``"missing"``, ``"resumable"`` (epoch and optimizer state kept) or ``"finished"`` (ultralytics strips the
+    optimizer from last.pt when a run ends, early stop included)."""
+    if not last.is_file():
+        return "missing"
+    try:
+        ckpt = torch_load(last, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a half-written file from a killed run among others
+        raise SegensError(f"{last}: cannot load ({exc}); delete it to start this fold again") from None
+    resumable = ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None
+    return "resumable" if resumable else "finished"
+
+
+@contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence ultralytics' INFO lines while ``enabled``."""
+    level = LOGGER.level
+    if enabled:
+        LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _keys_digest(records: Sequence[ImageRecord]) -> str:
+    return hashlib.sha256("\n".join(sorted(r.key for r in records)).encode()).hexdigest()
+
+
+@register("yolo")
+class YoloMember:
+    """The ``yolo`` kind's adapter (see segens.members.base.Member). Loaded checkpoints are cached per object.
+
+    Ultralytics checkpoints are pickles (loading one runs code stored in it): the spec's checkpoints load only with
+    ``trust_pickle``; a fold's own best.pt, just trained, is scored without it."""
+
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
+        self.spec = spec
+        self.device = _device(device)
+        self.trust_pickle = trust_pickle
+        where = str(spec.path or spec.name)
+        self.model_settings = _settings(spec.model, MODEL_DEFAULTS, tuple(MODEL_DEFAULTS), where, "model")
+        self.train_settings = _settings(spec.train, TRAIN_DEFAULTS, TRAIN_FIELDS, where, "train")
+        self.imgsz = _square_size(spec.input_size, where)
+        _check_settings(self.model_settings, self.train_settings, where)
+        self._models: dict[tuple[str, int, int], YOLO] = {}
+
+    # ---- training -------------------------------------------------------------------------------------------
+
+    def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
+                   progress: bool = True) -> FoldResult:
+        """Train one fold into ``out_dir/train`` (resuming an unfinished run, skipping a finished one), then score
+        best.pt on ``val`` with the competition's Dice. The checkpoint path is ``out_dir/train/weights/best.pt``."""
+        out_dir = Path(out_dir).resolve()
+        run_dir = out_dir / RUN_NAME
+        best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+        done = self._finished_result(out_dir, best, val)
+        if done is not None:
+            return done
+        state = checkpoint_state(last)
+        if state != "finished":
+            data_yaml = write_fold_dataset(train, val, out_dir / "data")
+            with _quiet(not progress):
+                if state == "resumable":
+                    YOLO(str(last)).train(resume=True, device=self.device, workers=0, plots=False)
+                else:
+                    self._new_model().train(**self._train_arguments(data_yaml, out_dir, progress))
+        if not best.is_file():
+            raise SegensError(f"{run_dir}: training ended without best.pt; see ultralytics' output above")
+        checkpoint = Checkpoint(best, sha256_of(best), self.validation_dice(best, val))
+        atomic_write_text(out_dir / DONE_FILE, json.dumps(
+            {"fold": fold, "sha256": checkpoint.sha256, "val_dice": checkpoint.val_dice, "val_keys": _keys_digest(val)}))
+        return FoldResult(checkpoint, read_history(run_dir / "results.csv"))
+
+    def validation_dice(self, checkpoint: Path, val: Sequence[ImageRecord]) -> float:
+        """The competition's mean Dice of one checkpoint on labelled records (probabilities > 0.5, spec TTA)."""
+        table = DiceTable()
+        for record in val:
+            probabilities = self._predict_checkpoint(Path(checkpoint), read_image(record.image_path), trusted=True)
+            table.add(record.key, dice_per_class(probabilities > 0.5, read_record_mask(record)))
+        return table.mean()
+
+    def _finished_result(self, out_dir: Path, best: Path, val: Sequence[ImageRecord]) -> FoldResult | None:
+        """The result of a fold finished earlier (best.pt unchanged since its Dice was computed on the same val
+        images), or None."""
+        done = out_dir / DONE_FILE
+        if not done.is_file() or not best.is_file():
+            return None
+        try:
+            record = json.loads(done.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        sha256 = sha256_of(best)
+        if record.get("sha256") != sha256 or record.get("val_keys") != _keys_digest(val):
+            return None
+        return FoldResult(Checkpoint(best, sha256, record.get("val_dice")),
+                          read_history(out_dir / RUN_NAME / "results.csv"))
+
+    def _new_model(self) -> YOLO:
+        """An untrained segmentation model built from the configured model YAML."""
+        config = str(self.model_settings["config"])
+        where = self.spec.path or self.spec.name
+        try:
+            model = YOLO(config)
+        except (FileNotFoundError, OSError) as exc:
+            raise SegensError(f"{where}: model config {config!r} not found ({exc}); "
+                              "use an ultralytics model YAML such as yolov8n-seg.yaml or a path to one") from None
+        if model.task != "segment":
+            raise SegensError(f"{where}: model config {config!r} builds a {model.task} model; "
+                              "use a segmentation YAML (a -seg config such as yolov8n-seg.yaml)")
+        return model
+
+    def _train_arguments(self, data_yaml: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
+        return {**self.train_settings, "data": str(data_yaml), "imgsz": self.imgsz, "overlap_mask": False,
+                "plots": False, "amp": False, "device": self.device, "workers": 0, "project": str(out_dir),
+                "name": RUN_NAME, "exist_ok": True, "pretrained": False, "deterministic": True, "verbose": progress}
+
+    # ---- prediction -----------------------------------------------------------------------------------------
+
+    def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
+        """(H, W) uint8 images -> (29, H, W) float32 probabilities in [0, 1], averaged over the folds' checkpoints
+        (each checked against its sha256 when first loaded)."""
+        if not folds:
+            raise SegensError(f"{self.spec.path or self.spec.name}: predict needs at least one fold")
+        checkpoints = [self.spec.checkpoint(fold) for fold in folds]
+        outputs = []
+        for image in images:
+            total = None
+            for checkpoint in checkpoints:
+                maps = self._predict_checkpoint(checkpoint.path, image, sha256=checkpoint.sha256)
+                total = maps if total is None else total + maps
+            outputs.append(total / np.float32(len(checkpoints)))
+        return outputs
+
+    def _predict_checkpoint(self, path: Path, image: np.ndarray, sha256: str | None = None,
+                            trusted: bool = False) -> np.ndarray:
+        """(29, H, W) float32 probabilities of one checkpoint, with the spec's TTA averaged in."""
+        model = self._model(path, sha256, trusted)
+        maps = self._soft(model, image)
+        if "hflip" in self.spec.tta:
+            flipped = self._soft(model, np.ascontiguousarray(image[:, ::-1]))
+            maps = (maps + flipped[:, :, ::-1]) / np.float32(2)
+        return np.ascontiguousarray(maps, dtype=np.float32)
+
+    def _soft(self, model: YOLO, image: np.ndarray) -> np.ndarray:
+        result = soft_predict(model, image, imgsz=self.imgsz, conf=float(self.model_settings["conf"]),
+                              iou=float(self.model_settings["iou"]), max_det=int(self.model_settings["max_det"]),
+                              device=self.device)
+        return result.class_maps
+
+    def _model(self, path: Path, sha256: str | None = None, trusted: bool = False) -> YOLO:
+        """A loaded checkpoint (checked against ``sha256`` if given), cached by path, size and modification time."""
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise SegensError(f"{path}: checkpoint not found; train it with `ens train-member` or fix the spec")
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._models:
+            if not (trusted or self.trust_pickle):
+                raise SegensError(f"{path}: ultralytics checkpoints are pickles; loading one runs code stored in the "
+                                  "file. Pass --trust-pickle if you trust its source (e.g. you trained it)")
+            if sha256 is not None and sha256_of(path) != sha256:
+                raise SegensError(f"{path}: sha256 differs from the member spec's; the file changed since training "
+                                  "(retrain the fold or restore the file)")
+            model = YOLO(str(path))
+            if model.task != "segment" or len(model.names) != NUM_CLASSES:
+                raise SegensError(f"{path}: not a {NUM_CLASSES}-class segmentation model (task {model.task}, "
+                                  f"{len(model.names)} classes)")
+            self._models = {k: m for k, m in self._models.items() if k[0] != key[0]}  # drop older versions
+            self._models[key] = model
+        return self._models[key]
+
+
+def _device(device: str) -> str:
+    """An ultralytics device string; ``auto`` is the first GPU if there is one, else the CPU."""
+    if device == "auto":
+        return "0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _settings(given: dict[str, Any], defaults: dict[str, Any], allowed: Sequence[str], where: str,
+              section: str) -> dict[str, Any]:
+    """``given`` over ``defaults``; a SegensError naming unknown fields."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise SegensError(f"{where}: unknown {section} field(s) for kind yolo: {', '.join(unknown)}; "
+                          f"known: {', '.join(allowed)}")
+    return {**defaults, **given}
+
+
+def _check_settings(model: dict[str, Any], train: dict[str, Any], where: str) -> None:
+    """SegensError for values ultralytics would reject or silently ignore."""
+    for name in ("conf", "iou"):
+        if not isinstance(model[name], (int, float)) or not 0 < model[name] <= 1:
+            raise SegensError(f"{where}: model.{name} must be a number in (0, 1], got {model[name]!r}")
+    if not isinstance(model["max_det"], int) or model["max_det"] < 1:
+        raise SegensError(f"{where}: model.max_det must be a positive integer, got {model['max_det']!r}")
+    if not str(model["config"]).endswith((".yaml", ".yml")):
+        raise SegensError(f"{where}: model.config must be a model YAML (e.g. yolov8n-seg.yaml), got "
+                          f"{model['config']!r}; weights are never downloaded")
+    if "lr0" in train and str(train.get("optimizer", "auto")).lower() == "auto":
+        raise SegensError(f"{where}: train.lr0 is ignored by ultralytics' optimizer 'auto'; "
+                          "also set train.optimizer (SGD, AdamW, ...)")
+    for name in ("epochs", "batch"):
+        if not isinstance(train[name], int) or train[name] < 1:
+            raise SegensError(f"{where}: train.{name} must be a positive integer, got {train[name]!r}")
+
+
+def _square_size(size: tuple[int, int], where: str) -> int:
+    """The square side YOLO letterboxes to; a SegensError for a non-square input_size."""
+    if size[0] != size[1]:
+        raise SegensError(f"{where}: kind yolo trains on square inputs; set input_size to one integer "
+                          f"(got {list(size)})")
+    if size[0] % 32:
+        raise SegensError(f"{where}: kind yolo needs input_size to be a multiple of 32 (got {size[0]})")
+    return int(size[0])
