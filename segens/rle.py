@@ -44,31 +44,47 @@ def run_bounds(mask: np.ndarray, box: BBox | None | str = "auto") -> tuple[np.nd
     if box is None:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
-    height, width = mask.shape
     row0, row1, col0, col1 = box
-    if col0 == 0 and col1 == width:
-        flat = np.zeros((row1 - row0) * width + 2, dtype=np.int8)
-        flat[1:-1] = mask[row0:row1].reshape(-1) != 0
+    return box_run_bounds(mask[row0:row1, col0:col1], row0, col0, mask.shape[1])
+
+
+def box_run_bounds(sub: np.ndarray, row0: int, col0: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of a mask known only inside a box (``sub`` at (row0, col0) of an image ``width`` wide, zero
+    outside), as 0-indexed flat (start, end) of the whole image, end exclusive."""
+    rows_in_box, box_width = sub.shape
+    if col0 == 0 and box_width == width:
+        flat = np.zeros(rows_in_box * width + 2, dtype=np.int8)
+        flat[1:-1] = sub.reshape(-1) != 0
         changes = np.flatnonzero(flat[1:] != flat[:-1])
         return changes[0::2] + row0 * width, changes[1::2] + row0 * width
-    sub_width = col1 - col0 + 1  # one zero column appended to each row, and one zero before the first
-    padded = np.zeros((row1 - row0) * sub_width + 1, dtype=np.int8)
-    padded[1:].reshape(row1 - row0, sub_width)[:, :-1] = mask[row0:row1, col0:col1] != 0
+    padded_width = box_width + 1  # one zero column appended to each row, and one zero before the first
+    padded = np.zeros(rows_in_box * padded_width + 1, dtype=np.int8)
+    padded[1:].reshape(rows_in_box, padded_width)[:, :-1] = sub != 0
     changes = np.flatnonzero(padded[1:] != padded[:-1])
-    rows, cols = np.divmod(changes, sub_width)
+    rows, cols = np.divmod(changes, padded_width)
     flat_index = (rows + row0) * width + cols + col0
     return flat_index[0::2], flat_index[1::2]
 
 
-def encode(mask: np.ndarray, box: BBox | None | str = "auto") -> str:
-    """RLE string of a 2-D mask (non-zero = foreground), identical to the reference encoder's output."""
-    starts, ends = run_bounds(mask, box)
+def _pairs_text(starts: np.ndarray, ends: np.ndarray) -> str:
     if starts.size == 0:
         return ""
     pairs = np.empty(starts.size * 2, dtype=np.int64)
     pairs[0::2] = starts + 1
     pairs[1::2] = ends - starts
     return _format(pairs)
+
+
+def encode(mask: np.ndarray, box: BBox | None | str = "auto") -> str:
+    """RLE string of a 2-D mask (non-zero = foreground), identical to the reference encoder's output."""
+    return _pairs_text(*run_bounds(mask, box))
+
+
+def encode_box(sub: np.ndarray, box: BBox | None, width: int) -> str:
+    """RLE string of an image that is zero outside ``box`` and ``sub`` (box-shaped) inside it."""
+    if box is None:
+        return ""
+    return _pairs_text(*box_run_bounds(sub, box[0], box[2], width))
 
 
 def encode_stack(masks: np.ndarray, boxes: list[BBox | None] | None = None) -> list[str]:

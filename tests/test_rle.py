@@ -119,3 +119,14 @@ def test_bad_rle_is_a_clear_error(text: str, message: str) -> None:
 
 def test_whitespace_variants_parse() -> None:
     assert np.array_equal(rle.decode("  1 2\t5  1 ", 3, 4), rle.decode("1 2 5 1", 3, 4))
+
+
+@pytest.mark.parametrize("mask", adversarial_masks()[::3] + random_masks(seed=5, count=40), ids=lambda m: f"{m.shape}")
+def test_encode_box_of_a_larger_box(mask: np.ndarray) -> None:
+    height, width = mask.shape
+    for box in [(0, height, 0, width), rle.bbox(mask)]:
+        if box is None:
+            assert rle.encode_box(np.zeros((0, 0), bool), None, width) == ""
+            continue
+        sub = mask[box[0] : box[1], box[2] : box[3]]
+        assert rle.encode_box(sub, box, width) == reference_encode(mask)

@@ -1,0 +1,5 @@
+"""``python -m segens.cli``: the same as the ``ens`` command."""
+
+from segens.cli import main
+
+main()

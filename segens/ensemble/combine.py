@@ -1,0 +1,273 @@
+"""``ens combine``: members' probability stores -> binary masks -> the competition CSV, one image at a time.
+
+Strategies (one code path each; validated up front, as scikit-learn's VotingClassifier does):
+- ``soft``: the mean of the members' probabilities (equal weights); keep a pixel when mean > threshold.
+- ``weighted``: per class, weights normalised to sum to 1; keep a pixel when sum(w * p) > threshold.
+- ``hard``: each member votes where p > its own per-class threshold; a vote counts the member's weight (1 by
+  default). With ``min_votes`` a pixel is kept when its vote total >= min_votes ("reaches"); without it, when
+  the total is more than half of the weight present (a strict majority: a tie at exactly half is dropped, so
+  with 2 members both must agree and with 4, 3 must).
+
+Probabilities are the stored p = v / 255 in float32, summed member by member in the given order, and
+``>`` is the comparison, exactly as the straightforward full-array pipeline computes them
+(segens.reference.reference_combine), so the CSVs are byte-identical. A pixel outside every member's
+bounding box for a class has p = 0 in every member and can never be kept (thresholds are >= 0,
+min_votes > 0), so each class is computed only inside the union of its members' boxes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.ensemble.postprocess import apply_postprocessing
+from segens.ensemble.recipe import STRATEGIES, Recipe, load_recipe
+from segens.errors import SegensError
+from segens.members.store import ProbabilityStore, create_store, open_store
+from segens.progress import progress_bar
+from segens.rle import BBox, encode_box
+from segens.submission import image_rows, write_submission
+
+IMAGE_SUFFIX = ".png"  # stores key images by relative path without extension; the competition's images are PNG
+
+
+@dataclass
+class Settings:
+    """Resolved per-class settings for the members, in store order."""
+
+    strategy: str
+    weights: np.ndarray  # (29, M) float32: normalised per class for soft/weighted, raw vote weights for hard
+    thresholds: np.ndarray  # (29,) float32, soft/weighted: keep p > threshold
+    member_thresholds: np.ndarray  # (29, M) float32, hard: a member votes where p > its threshold
+    min_votes: np.ndarray | None  # (29,) float64, hard: keep votes >= min_votes; None: votes > half the weight
+    postprocess: list[list[str]] = field(default_factory=lambda: [[] for _ in CLASSES])
+
+
+@dataclass
+class CombineSummary:
+    """What a combine run wrote."""
+
+    out: Path
+    images: int
+    rows: int
+    seconds: float
+    missing: dict[str, int] = field(default_factory=dict)  # member -> images it lacked (--allow-missing)
+
+
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    """``vgg=2,hrnet=1,yolo=1`` -> {"vgg": 2.0, ...}."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise SegensError(f"--weights must look like vgg=2,hrnet=1, got {part!r}") from None
+    return weights
+
+
+def resolve_settings(strategy: str, members: Sequence[str], recipe: Recipe | None = None,
+                     weights: dict[str, float] | None = None, threshold: float | None = None,
+                     min_votes: float | None = None) -> Settings:
+    """Per-class settings from the command line and (if given) a recipe whose members are ``members``."""
+    if strategy not in STRATEGIES:
+        raise SegensError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    count = len(members)
+    raw = np.ones((NUM_CLASSES, count))
+    if recipe is not None and recipe.weights is not None:
+        order = [recipe.member_names.index(name) for name in members]
+        raw = np.asarray(recipe.weights, dtype=np.float64)[:, order]
+    if weights is not None:
+        unknown = sorted(set(weights) - set(members))
+        if unknown or set(weights) != set(members):
+            raise SegensError(f"--weights names {', '.join(sorted(weights))}; the stores' members are "
+                              f"{', '.join(members)}: give one weight per member")
+        raw = np.tile([weights[name] for name in members], (NUM_CLASSES, 1)).astype(np.float64)
+    if strategy == "soft":
+        raw = np.ones((NUM_CLASSES, count))
+    if (raw < 0).any() or (raw.sum(axis=1) <= 0).any():
+        raise SegensError("weights must be >= 0 with a positive total for every class")
+    thresholds = np.full(NUM_CLASSES, 0.5)
+    if recipe is not None and recipe.thresholds is not None:
+        thresholds = np.asarray(recipe.thresholds)
+    if threshold is not None:
+        thresholds = np.full(NUM_CLASSES, threshold)
+    member_thresholds = np.full((NUM_CLASSES, count), 0.5 if threshold is None else threshold)
+    if recipe is not None and recipe.member_thresholds is not None and threshold is None:
+        member_thresholds = np.asarray(recipe.member_thresholds)[:, [recipe.member_names.index(n) for n in members]]
+    votes = None if min_votes is None else np.full(NUM_CLASSES, float(min_votes))
+    if votes is None and recipe is not None and recipe.min_votes is not None:
+        votes = np.asarray(recipe.min_votes, dtype=np.float64)
+    if not ((0 <= thresholds) & (thresholds < 1)).all() or not ((0 <= member_thresholds) & (member_thresholds < 1)).all():
+        raise SegensError("thresholds must be in [0, 1): a pixel is kept when p > threshold")
+    if votes is not None and (votes <= 0).any():
+        raise SegensError("--min-votes must be > 0")
+    normalised = raw.astype(np.float32) if strategy == "hard" else normalise_weights(raw)
+    postprocess = recipe.postprocess if recipe is not None else [[] for _ in CLASSES]
+    return Settings(strategy, normalised, thresholds.astype(np.float32),
+                    member_thresholds.astype(np.float32), votes, postprocess)
+
+
+def normalise_weights(raw: np.ndarray) -> np.ndarray:
+    """Weights (..., M) scaled to sum to 1 along the last axis in float64, then float32: the one rule both
+    combine and the weight search use, so that a searched recipe reproduces its scores exactly."""
+    raw = np.asarray(raw, dtype=np.float64)
+    return (raw / raw.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def union_box(boxes: Sequence[BBox | None]) -> BBox | None:
+    present = [box for box in boxes if box is not None]
+    if not present:
+        return None
+    return (min(b[0] for b in present), max(b[1] for b in present), min(b[2] for b in present),
+            max(b[3] for b in present))
+
+
+def class_mask(stores: Sequence[ProbabilityStore], key: str, channel: int, settings: Settings,
+               present: np.ndarray, member_boxes: Sequence[Sequence[BBox | None]]) -> tuple[BBox | None, np.ndarray]:
+    """One class of one image: (union box, bool mask inside it) after voting and post-processing."""
+    box = union_box([member_boxes[m][channel] for m in range(len(stores)) if present[m]])
+    if box is None:
+        return None, np.zeros((0, 0), dtype=bool)
+    shape = (box[1] - box[0], box[3] - box[2])
+    if settings.strategy == "hard":
+        votes = np.zeros(shape, dtype=np.float64)
+        for m, store in enumerate(stores):
+            if present[m] and member_boxes[m][channel] is not None:
+                p = store.read_region(key, channel, box).astype(np.float32) / np.float32(255)
+                votes += np.float64(settings.weights[channel, m]) * (p > settings.member_thresholds[channel, m])
+        if settings.min_votes is not None:
+            mask = votes >= settings.min_votes[channel]
+        else:
+            mask = votes > np.float64(settings.weights[channel, present].astype(np.float64).sum()) / 2
+    else:
+        weights = settings.weights[channel] if present.all() else _renormalised(settings.weights[channel], present)
+        total = np.zeros(shape, dtype=np.float32)
+        for m, store in enumerate(stores):
+            if present[m] and member_boxes[m][channel] is not None:
+                total += weights[m] * (store.read_region(key, channel, box).astype(np.float32) / np.float32(255))
+        mask = total > settings.thresholds[channel]
+    return box, apply_postprocessing(mask, settings.postprocess[channel])
+
+
+def _renormalised(weights: np.ndarray, present: np.ndarray) -> np.ndarray:
+    kept = np.where(present, weights.astype(np.float64), 0.0)
+    return (kept / kept.sum()).astype(np.float32)
+
+
+def combine_image(stores: Sequence[ProbabilityStore], key: str, settings: Settings, present: np.ndarray,
+                  masks_out: ProbabilityStore | None = None) -> list[str]:
+    """The 29 RLE strings of one image (and its binary masks written to ``masks_out`` if given)."""
+    reference = next(store for store, here in zip(stores, present) if here)
+    height, width = reference.image_size(key)
+    member_boxes = [store.boxes(key) if here else [None] * NUM_CLASSES for store, here in zip(stores, present)]
+    rles = []
+    full = np.zeros((NUM_CLASSES, height, width), dtype=np.uint8) if masks_out is not None else None
+    for channel in range(NUM_CLASSES):
+        box, mask = class_mask(stores, key, channel, settings, present, member_boxes)
+        rles.append(encode_box(mask, box, width))
+        if full is not None and box is not None:
+            full[channel, box[0] : box[1], box[2] : box[3]] = mask.view(np.uint8) * np.uint8(255)
+    if masks_out is not None:
+        masks_out.write_image(key, full)
+    return rles
+
+
+def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """Image keys in competition order and an (images, members) presence matrix; mismatches are errors."""
+    first = stores[0]
+    names = [store.member for store in stores]
+    if len(set(names)) != len(names):
+        raise SegensError(f"two stores hold the same member name ({', '.join(names)}); each member once")
+    for store in stores[1:]:
+        if list(store.classes) != list(first.classes):
+            raise SegensError(f"{store.url}: class list differs from {first.url}'s")
+        if store.split != first.split:
+            raise SegensError(f"{store.url}: split {store.split!r} differs from {first.url}'s {first.split!r}")
+    if list(first.classes) != list(CLASSES):
+        raise SegensError(f"{first.url}: its class list is not the competition's 29 classes")
+    key_sets = [set(store.keys()) for store in stores]
+    keys = sorted(set().union(*key_sets), key=lambda key: key + IMAGE_SUFFIX)
+    present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
+    missing = {store.member: int((~present[:, m]).sum()) for m, store in enumerate(stores) if not present[:, m].all()}
+    if missing and not allow_missing:
+        m = next(index for index, store in enumerate(stores) if store.member in missing)
+        first_missing = keys[int(np.argmin(present[:, m]))]
+        raise SegensError(f"{stores[m].url}: lacks {missing[stores[m].member]} image(s) the other stores have, first "
+                          f"{first_missing!r}; predict them, or pass --allow-missing to drop the member there")
+    for index, key in enumerate(keys):
+        sizes = {stores[m].image_size(key) for m in range(len(stores)) if present[index, m]}
+        if len(sizes) > 1:
+            detail = ", ".join(f"{store.url}: {store.image_size(key)}" for m, store in enumerate(stores)
+                               if present[index, m])
+            raise SegensError(f"image {key!r} has different sizes in the stores ({detail})")
+    return keys, present, missing
+
+
+def check_recipe(recipe: Recipe, stores: Sequence[ProbabilityStore], force: bool) -> None:
+    """The recipe's members must be the stores' members, with the same checkpoints (unless ``force``)."""
+    names = [store.member for store in stores]
+    problems = []
+    if sorted(recipe.member_names) != sorted(names):
+        problems.append(f"the recipe's members are {', '.join(recipe.member_names)}, the stores' are {', '.join(names)}")
+    for member in recipe.members:
+        store = next((s for s in stores if s.member == member["name"]), None)
+        if store is None:
+            continue
+        wanted = sorted(str(sha) for sha in (member.get("checkpoints") or {}).values())
+        have = sorted(str(checkpoint["sha256"]) for checkpoint in store.checkpoints.values())
+        if wanted != have:
+            problems.append(f"{store.url}: its checkpoints differ from those the recipe was searched on")
+    if problems and not force:
+        raise SegensError("; ".join(problems) + " (pass --force to combine anyway)")
+    if problems:
+        warnings.warn("; ".join(problems), stacklevel=2)
+    if sorted(recipe.member_names) != sorted(names) and force and set(names) - set(recipe.member_names):
+        raise SegensError("stores given for members the recipe has no weights for: "
+                          f"{', '.join(sorted(set(names) - set(recipe.member_names)))}")
+
+
+def _combine_one(stores, key, settings, present, masks_out) -> tuple[str, list[str]]:
+    return key, combine_image(stores, key, settings, present, masks_out)
+
+
+def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "soft", recipe_path: str | Path | None = None,
+            weights: dict[str, float] | None = None, threshold: float | None = None, min_votes: float | None = None,
+            allow_missing: bool = False, force: bool = False, masks_out: str | Path | None = None, jobs: int = 1,
+            progress: bool = True) -> CombineSummary:
+    """Combine stores into a submission CSV, written atomically; every check runs before anything is written."""
+    started = time.perf_counter()
+    if not store_urls:
+        raise SegensError("give at least one store")
+    stores = [open_store(url) for url in store_urls]
+    recipe = load_recipe(recipe_path) if recipe_path is not None else None
+    if recipe is not None:
+        check_recipe(recipe, stores, force)
+        if recipe.strategy != strategy:
+            raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
+    keys, present, missing = check_stores(stores, allow_missing)
+    settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
+    mask_store = None
+    if masks_out is not None:
+        mask_store = create_store(masks_out, "ensemble", "combined", stores[0].split,
+                                  {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=True)
+    tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store) for index, key in enumerate(keys))
+
+    def rows():
+        with progress_bar("img", disable=not progress) as bar:
+            task = bar.add_task(f"combine ({strategy})", total=len(keys))
+            for key, rles in Parallel(n_jobs=jobs, return_as="generator")(tasks):
+                bar.update(task, advance=1)
+                yield from image_rows(key.rsplit("/", 1)[-1] + IMAGE_SUFFIX, rles)
+
+    count = write_submission(out, rows())
+    return CombineSummary(Path(out), len(keys), count, time.perf_counter() - started, missing)

@@ -1,0 +1,123 @@
+"""``ens search-weights``: run the per-class search over OOF stores (classes in parallel) and write the recipe,
+a per-class report CSV and, on request, a plot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.dataset import discover
+from segens.ensemble.combine import check_stores
+from segens.ensemble.evidence import threshold_grid
+from segens.ensemble.recipe import Recipe, save_recipe
+from segens.ensemble.search import ClassResult, SearchReport, search_class
+from segens.errors import SegensError
+from segens.folds.splits import load_folds
+from segens.members.store import ProbabilityStore, open_store
+from segens.progress import progress_bar
+
+METHODS = ("grid", "caruana")
+
+
+def _one_class(stores, records, channel, strategy, step, method, folds_of_images, postprocess) -> ClassResult:
+    return search_class(stores, records, channel, strategy, threshold_grid(), step, method, folds_of_images, postprocess)
+
+
+def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], settings: dict) -> Recipe:
+    """The recipe of a finished search (weights raw as searched; thresholds as float32 values)."""
+    thresholds = threshold_grid()
+    results = sorted(report.classes, key=lambda result: result.channel)
+    members = [{"name": store.member, "checkpoints": {str(fold): checkpoint["sha256"]
+                                                      for fold, checkpoint in store.checkpoints.items()}}
+               for store in stores]
+    recipe = Recipe(report.strategy, members, postprocess=[result.postprocess for result in results],
+                    oof_dice={"per_class": {CLASSES[r.channel]: r.oof_dice for r in results},
+                              "members": {name: [r.member_dice[m] for r in results] for m, name in enumerate(report.members)},
+                              "plain_mean": [r.mean_dice for r in results], "summary": report.summary(),
+                              "verdict": report.verdict()},
+                    search=settings)
+    if report.strategy == "hard":
+        recipe.weights = [[1.0] * len(stores) for _ in results]
+        recipe.member_thresholds = [[float(thresholds[i]) for i in r.recipe_choice.member_thresholds] for r in results]
+        recipe.min_votes = [float(r.recipe_choice.min_votes) for r in results]
+    else:
+        recipe.thresholds = [float(thresholds[r.recipe_choice.threshold]) for r in results]
+        if report.strategy == "weighted":
+            recipe.weights = [[float(w) for w in r.recipe_choice.weights] for r in results]
+    return recipe
+
+
+def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_path: str | Path | None,
+                   out: str | Path, strategy: str = "weighted", step: float = 0.1, method: str = "grid",
+                   cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True) -> SearchReport:
+    """Search every class, write ``out`` (recipe.json), return the report."""
+    if strategy not in ("soft", "weighted", "hard"):
+        raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
+    if method not in METHODS:
+        raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not 0 < step <= 0.5:
+        raise SegensError(f"--step must be in (0, 0.5], got {step}")
+    stores = [open_store(url) for url in store_urls]
+    if any(store.split != "oof" for store in stores):
+        raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
+                          "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
+    keys, _, _ = check_stores(stores, allow_missing=False)
+    records_by_key = discover(root, "train").by_key()
+    missing = [key for key in keys if key not in records_by_key]
+    if missing:
+        raise SegensError(f"{stores[0].url}: image {missing[0]!r} is not a labelled training image of {root}")
+    records = [records_by_key[key] for key in keys]
+    folds_of_images = None
+    if cv:
+        if folds_path is None:
+            raise SegensError("--cv needs --folds folds.json (the folds the OOF predictions came from)")
+        folds = load_folds(folds_path, root=root)
+        folds_of_images = [folds.fold_of(key) for key in keys]
+    started = time.perf_counter()
+    tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
+             for channel in range(NUM_CLASSES))
+    results = []
+    with progress_bar("class", disable=not progress) as bar:
+        task = bar.add_task(f"search ({strategy}, {len(keys)} images)", total=NUM_CLASSES)
+        for result in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            results.append(result)
+            bar.update(task, advance=1)
+    report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel))
+    settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
+                "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None,
+                "seconds": round(time.perf_counter() - started, 3),
+                "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
+    save_recipe(build_recipe(report, stores, settings), out)
+    report.recipe_path = str(out)
+    return report
+
+
+def report_rows(report: SearchReport) -> list[dict[str, object]]:
+    """One row per class (and a mean row): each member, the plain mean, the recipe, its settings, CV gains."""
+    rows = []
+    thresholds = threshold_grid()
+    for result in report.classes:
+        row: dict[str, object] = {"class": CLASSES[result.channel]}
+        for m, name in enumerate(report.members):
+            row[name] = round(result.member_dice[m], 6)
+        row["plain_mean"] = round(result.mean_dice, 6)
+        row["recipe"] = round(result.oof_dice, 6)
+        choice = result.recipe_choice
+        if report.strategy == "hard":
+            row["thresholds"] = " ".join(f"{thresholds[i]:.3f}" for i in choice.member_thresholds)
+            row["min_votes"] = choice.min_votes
+        else:
+            weights = choice.weights / choice.weights.sum()
+            row["weights"] = " ".join(f"{w:.3f}" for w in weights)
+            row["threshold"] = round(float(thresholds[choice.threshold]), 4)
+        row["postprocess"] = "+".join(result.postprocess) or "-"
+        if result.cv:
+            gains = [fold["recipe"] - fold["mean"] for fold in result.cv]
+            row["cv_gain_vs_mean"] = f"{np.mean(gains):+.4f} ± {np.std(gains):.4f}"
+        rows.append(row)
+    return rows

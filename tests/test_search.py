@@ -1,0 +1,220 @@
+"""ens search-weights: exactness against brute force on small stores, each strategy, post-processing, the CV
+estimate where overfitting is built in, and the recipe's round trip into ens combine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.cli import app
+from segens.dataset import discover, read_record_mask
+from segens.dice import dice_from_counts
+from segens.ensemble.combine import combine, normalise_weights
+from segens.ensemble.evaluate import evaluate_submission
+from segens.ensemble.evidence import class_truth, extract_class, hard_dice, threshold_grid, weighted_dice
+from segens.ensemble.search import WeightedSearch, base_candidates, make_subsets, _best
+from segens.ensemble.search_weights import search_weights
+from segens.folds.splits import make_folds, save_folds
+from segens.members.store import create_store, open_store
+from segens.synth import generate
+
+THRESHOLDS = threshold_grid()
+
+
+def member_maps(truth: np.ndarray, rng: np.random.Generator, blur: float, noise: float, shift: int = 0) -> np.ndarray:
+    """(29, H, W) uint8 'network output' from ground truth: shifted, blurred, noisy, small values cut to 0."""
+    maps = np.zeros(truth.shape, np.uint8)
+    for channel, mask in enumerate(truth):
+        soft = ndimage.gaussian_filter(np.roll(mask, shift, axis=1).astype(np.float32), blur)
+        soft = np.clip(soft + rng.normal(0, noise, soft.shape) * (soft > 0.02), 0, 1)
+        soft[soft < 0.03] = 0
+        maps[channel] = np.rint(soft * 255).astype(np.uint8)
+    return maps
+
+
+def build_oof(root: Path, base: Path, members: dict[str, dict], seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    records = discover(root, "train").records
+    paths = []
+    for name, settings in members.items():
+        store = create_store(base / f"{name}.oof.zarr", name, "smp", "oof", {"name": name},
+                             {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}})
+        for record in records:
+            truth = read_record_mask(record)
+            maps = settings.get("fixed") if "fixed" in settings else member_maps(truth, rng, **settings)
+            store.write_image(record.key, maps if maps is not None else np.zeros(truth.shape, np.uint8))
+        paths.append(base / f"{name}.oof.zarr")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("search")
+    generate(base / "data", n_train_patients=4, n_test_patients=1, size=64, seed=3)
+    folds, _ = make_folds(base / "data", k=4, seed=0)
+    save_folds(folds, base / "folds.json")
+    build_oof(base / "data", base, {"sharp": {"blur": 0.8, "noise": 0.15}, "blurry": {"blur": 2.0, "noise": 0.05},
+                                    "shifted": {"blur": 1.0, "noise": 0.1, "shift": 2}, "zero": {"fixed": None}})
+    return base
+
+
+def stores_of(project: Path, names=("sharp", "blurry", "shifted", "zero")):
+    return [open_store(project / f"{name}.oof.zarr") for name in names]
+
+
+def brute_force_weighted(stores, records, channel: int, weights: np.ndarray) -> np.ndarray:
+    """(K,) mean Dice over images at full resolution, every threshold, the same float32 arithmetic as combine."""
+    scores = np.zeros((len(records), THRESHOLDS.size))
+    w = normalise_weights(weights)
+    for index, record in enumerate(records):
+        truth = class_truth(record, channel, stores[0].image_size(record.key))
+        total = np.zeros(truth.shape, np.float32)
+        for m, store in enumerate(stores):
+            total += w[m] * (store.read_class(record.key, channel).astype(np.float32) / np.float32(255))
+        for k, threshold in enumerate(THRESHOLDS):
+            mask = total > threshold
+            scores[index, k] = dice_from_counts(np.count_nonzero(mask & truth), np.count_nonzero(mask), np.count_nonzero(truth))
+    return scores.mean(axis=0)
+
+
+@pytest.mark.parametrize("channel", [0, 20, 27])
+def test_weighted_scores_equal_brute_force(project: Path, channel: int) -> None:
+    stores = stores_of(project)
+    records = discover(project / "data", "train").records
+    evidence = extract_class(stores, records, channel, THRESHOLDS)
+    total_pixels = len(records) * 64 * 64
+    assert 0 < evidence.truth.size < total_pixels / 2  # most pixels are fixed
+    search = WeightedSearch(evidence, make_subsets(None), THRESHOLDS)
+    search.subsets.masks = np.ones((1, len(records)), bool)
+    candidates = base_candidates(4, 0.25, "weighted")
+    ours = np.stack([search.scores(w)[0] for w in candidates])
+    brute = np.stack([brute_force_weighted(stores, records, channel, w) for w in candidates])
+    np.testing.assert_array_equal(ours, brute)
+    assert _best(ours) == _best(brute)
+
+
+def test_adversarial_cases_equal_brute_force(tmp_path: Path, project: Path) -> None:
+    """Identical members (ties), a member that is always zero, and a class empty everywhere."""
+    records = discover(project / "data", "train").records
+    twin_maps = {}
+    for record in records:
+        maps = member_maps(read_record_mask(record), np.random.default_rng(1), blur=1.0, noise=0.1)
+        maps[5] = 0  # class finger-6 predicted empty by everyone
+        twin_maps[record.key] = maps
+    paths = []
+    for name in ["twin_a", "twin_b"]:
+        store = create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}})
+        for key, maps in twin_maps.items():
+            store.write_image(key, maps)
+        paths.append(tmp_path / f"{name}.zarr")
+    stores = [open_store(p) for p in paths] + [open_store(project / "zero.oof.zarr")]
+    for channel in (3, 5):
+        evidence = extract_class(stores, records, channel, THRESHOLDS)
+        search = WeightedSearch(evidence, make_subsets(None), THRESHOLDS)
+        search.subsets.masks = np.ones((1, len(records)), bool)
+        for w in base_candidates(3, 0.5, "weighted"):
+            np.testing.assert_array_equal(search.scores(w)[0], brute_force_weighted(stores, records, channel, w))
+
+
+def test_hard_scores_equal_brute_force(project: Path) -> None:
+    stores = stores_of(project, ("sharp", "blurry", "shifted"))
+    records = discover(project / "data", "train").records
+    evidence = extract_class(stores, records, 22, THRESHOLDS)
+    member_thresholds = THRESHOLDS[[100, 127, 160]]
+    for votes in (1, 2, 3):
+        ours = hard_dice(evidence, member_thresholds, 1, votes, THRESHOLDS)  # (images, K)
+        for k in (0, 60, 127, 254):
+            dice = []
+            chosen = member_thresholds.copy()
+            chosen[1] = THRESHOLDS[k]
+            for record in records:
+                truth = class_truth(record, 22, (64, 64))
+                count = sum((s.read_class(record.key, 22).astype(np.float32) / np.float32(255) > t).astype(int)
+                            for s, t in zip(stores, chosen))
+                mask = count >= votes
+                dice.append(dice_from_counts(np.count_nonzero(mask & truth), np.count_nonzero(mask), np.count_nonzero(truth)))
+            np.testing.assert_array_equal(ours[:, k], dice)
+
+
+@pytest.mark.parametrize("strategy", ["weighted", "soft", "hard"])
+def test_recipe_round_trip_into_combine(project: Path, tmp_path: Path, strategy: str) -> None:
+    paths = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry", "shifted")]
+    report = search_weights(paths, project / "data", project / "folds.json", tmp_path / "recipe.json",
+                            strategy=strategy, step=0.25, progress=False)
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["strategy"] == strategy and len(recipe["postprocess"]) == NUM_CLASSES
+    # the recipe applied by ens combine to the OOF stores scores exactly what the search reported
+    combine(paths, tmp_path / "oof.csv", strategy, recipe_path=tmp_path / "recipe.json", progress=False)
+    table = evaluate_submission(tmp_path / "oof.csv", project / "data", "train")
+    np.testing.assert_allclose(table.per_class(), [r.oof_dice for r in report.classes], rtol=0, atol=1e-12)
+    # never worse on OOF than the plain mean or the best single member at 0.5
+    for result in report.classes:
+        assert result.oof_dice >= result.mean_dice - 1e-12
+        if strategy == "weighted":
+            assert result.oof_dice >= max(result.member_dice) - 1e-12
+
+
+def test_postprocessing_is_kept_only_where_it_helps(project: Path, tmp_path: Path) -> None:
+    paths = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry")]
+    with_pp = search_weights(paths, project / "data", None, tmp_path / "a.json", step=0.5, progress=False)
+    without = search_weights(paths, project / "data", None, tmp_path / "b.json", step=0.5, postprocess=False, progress=False)
+    for kept, plain in zip(with_pp.classes, without.classes):
+        if kept.postprocess:
+            assert kept.oof_dice > plain.oof_dice
+        else:
+            assert kept.oof_dice == plain.oof_dice
+
+
+def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
+    """Two identical binary members (ground truth, eroded or dilated) and a 'lucky' member that is exactly right
+    on fold 0's images and empty elsewhere: on OOF, giving it weight pays; on held-out folds it cannot."""
+    from segens.folds.splits import load_folds
+
+    generate(tmp_path / "data", n_train_patients=8, n_test_patients=1, size=64, seed=5)
+    folds, _ = make_folds(tmp_path / "data", k=4, seed=0)
+    save_folds(folds, tmp_path / "folds.json")
+    folds = load_folds(tmp_path / "folds.json")
+    stores = {name: create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}})
+              for name in ("a", "b", "lucky")}
+    for index, record in enumerate(discover(tmp_path / "data", "train").records):
+        truth = read_record_mask(record)
+        change = ndimage.binary_erosion if index % 2 else ndimage.binary_dilation
+        member = np.stack([change(mask) for mask in truth]).view(np.uint8) * np.uint8(255)
+        stores["a"].write_image(record.key, member)
+        stores["b"].write_image(record.key, member)
+        lucky = truth.view(np.uint8) * np.uint8(255 if folds.fold_of(record.key) == 0 else 0)
+        stores["lucky"].write_image(record.key, lucky)
+    report = search_weights([str(tmp_path / f"{n}.zarr") for n in ("a", "b", "lucky")], tmp_path / "data",
+                            tmp_path / "folds.json", tmp_path / "r.json", step=0.25, cv=True, postprocess=False,
+                            progress=False)
+    summary = report.summary()
+    assert summary["recipe"] > summary["plain_mean"] + 0.01  # on OOF the fitted recipe flatters itself
+    assert summary["cv_gain_over_mean"] <= 1e-12  # held out, nothing is gained
+    assert "NOT reliably better" in report.verdict()
+
+
+def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> None:
+    stores = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry")]
+    result = CliRunner().invoke(app, ["search-weights", *stores, "--data", str(project / "data"), "--folds",
+                                      str(project / "folds.json"), "--cv", "--step", "0.5", "--out",
+                                      str(tmp_path / "recipe.json"), "--report-csv", str(tmp_path / "report.csv"),
+                                      "--plot", str(tmp_path / "report.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "report.csv").read_text().count("\n") == NUM_CLASSES + 1
+    assert "mean over classes" in result.output and "held-out folds" in result.output
+
+
+def test_search_refuses_test_stores(project: Path, tmp_path: Path) -> None:
+    store = create_store(tmp_path / "t.zarr", "t", "smp", "test", {}, {0: {"path": "t", "sha256": "t"}})
+    store.write_image(discover(project / "data", "train").records[0].key, np.zeros((29, 64, 64), np.uint8))
+    from segens.errors import SegensError
+
+    with pytest.raises(SegensError, match="needs OOF stores"):
+        search_weights([tmp_path / "t.zarr"], project / "data", None, tmp_path / "r.json", progress=False)
