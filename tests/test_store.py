@@ -1,0 +1,316 @@
+"""The probability store (format, identity, kill-and-resume, concurrent writers) and logits_to_uint8."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.errors import SegensError
+from segens.members.postprocess import logits_to_uint8, reference_logits_to_uint8
+from segens.members.store import (
+    create_store,
+    dequantize,
+    image_boxes,
+    open_store,
+    quantize,
+)
+from segens.rle import bbox
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("ID001/image1661130828152_R", "ID001/image1661130828153", "ID002/image1661130900001_L")
+CHECKPOINTS = {0: {"path": "m/fold0.pt", "sha256": "aa" * 32}, 1: {"path": "m/fold1.pt", "sha256": "bb" * 32}}
+SPEC = {"version": 1, "name": "m", "kind": "smp", "input_size": [64, 64], "tta": ["hflip"],
+        "model": {"architecture": "Unet"}, "train": {"epochs": 1}, "checkpoints": {}}
+
+
+def blob_logits(seed: int, height: int, width: int) -> torch.Tensor:
+    """(29, height, width) float32 logits: one soft ellipse per class (some at the border), a faint spot."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    logits = np.full((NUM_CLASSES, height, width), -20.0, dtype=np.float32)
+    for channel in range(NUM_CLASSES - 2):  # the last two classes stay empty
+        cy, cx = rng.uniform(-0.1, 1.1) * height, rng.uniform(-0.1, 1.1) * width
+        ry, rx = rng.uniform(0.03, 0.2) * height, rng.uniform(0.03, 0.2) * width
+        radius = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+        logits[channel] = np.maximum(rng.uniform(2, 12) * (1 - radius), -20) + rng.normal(0, 0.3, (height, width))
+    logits[0, 2, 3] = -3.0  # an isolated faint positive far from most blobs
+    return torch.from_numpy(logits)
+
+
+def probability_maps(seed: int, height: int, width: int) -> np.ndarray:
+    return logits_to_uint8(blob_logits(seed, height // 4, width // 4), height, width)[0]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file of a directory by relative path, with its bytes."""
+    return {file.relative_to(path).as_posix(): file.read_bytes() for file in sorted(path.rglob("*")) if file.is_file()}
+
+
+def new_store(path: Path, **changes):
+    arguments = {"member_name": "m", "kind": "smp", "split": "oof", "spec": SPEC, "checkpoints": CHECKPOINTS} | changes
+    return create_store(path, **arguments)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's sigmoid is then one vectorized pass, as logits_to_uint8's is
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- quantization ----------------------------------------------------------------------------------------------
+
+
+def test_quantize_rounds_half_to_even_and_clips():
+    p = np.array([-0.5, 0.0, 0.49 / 255, 0.5 / 255, 0.51 / 255, 1.5 / 255, 0.5, 1.0, 3.0], dtype=np.float32)
+    assert quantize(p).tolist() == [0, 0, 0, 0, 1, 2, 128, 255, 255]
+    values = np.arange(256, dtype=np.uint8)
+    assert dequantize(values).dtype == np.float32
+    assert np.array_equal(quantize(dequantize(values)), values)
+    big = np.random.default_rng(0).random((3, 700, 300), dtype=np.float32)  # several blocks
+    assert np.array_equal(quantize(big), np.rint(big * np.float32(255)).astype(np.uint8))
+    with pytest.raises(SegensError, match="NaN"):
+        quantize(np.array([0.2, np.nan], dtype=np.float32))
+
+
+# ---- writing and reading ---------------------------------------------------------------------------------------
+
+
+def test_round_trip_keys_boxes_and_sparse_chunks(tmp_path):
+    store = new_store(tmp_path / "m.oof.zarr")
+    maps = {KEYS[0]: probability_maps(0, 600, 700), KEYS[2]: probability_maps(1, 200, 136)}
+    for key, probs in maps.items():
+        store.write_image(key, probs)
+
+    reader = open_store(tmp_path / "m.oof.zarr")
+    assert (reader.member, reader.kind, reader.split, reader.classes) == ("m", "smp", "oof", CLASSES)
+    assert reader.checkpoints == {0: CHECKPOINTS[0], 1: CHECKPOINTS[1]} and reader.spec == SPEC
+    assert reader.keys() == sorted(maps) and store.completed() == set(maps)
+    for key, probs in maps.items():
+        assert reader.image_size(key) == probs.shape[1:]
+        assert reader.boxes(key) == [bbox(plane) for plane in probs] == image_boxes(probs)
+        assert np.array_equal(reader.read(key), probs)
+        assert np.array_equal(reader.read_float(key), probs.astype(np.float32) / 255)
+        for channel in (0, 5, NUM_CLASSES - 1):
+            assert np.array_equal(reader.read_class(key, channel), probs[channel])
+            box, values = reader.read_class_box(key, channel)
+            assert box == bbox(probs[channel])
+            expected = probs[channel, box[0]:box[1], box[2]:box[3]] if box else np.zeros((0, 0), np.uint8)
+            assert np.array_equal(values, expected)
+        assert 0 < reader.nbytes_stored(key) < probs.nbytes / 10
+
+    # all-zero chunks are never written: one file per non-empty (1, 512, 512) chunk; small images get 1 chunk
+    chunk_files = [f for f in (tmp_path / "m.oof.zarr" / KEYS[0] / "c").rglob("*") if f.is_file()]
+    probs = maps[KEYS[0]]
+    non_empty = sum(bool(probs[c, r:r + 512, q:q + 512].any()) for c in range(29) for r in (0, 512) for q in (0, 512))
+    assert len(chunk_files) == non_empty < 29 * 4
+    assert zarr.open_array(tmp_path / "m.oof.zarr" / KEYS[2], mode="r").chunks == (1, 200, 136)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    with pytest.raises(SegensError, match="uint8"):
+        store.write_image(KEYS[0], np.zeros((29, 8, 8), np.float32))
+    with pytest.raises(SegensError, match="not a valid image key"):
+        store.write_image("ID001/../x", np.zeros((29, 8, 8), np.uint8))
+    with pytest.raises(SegensError, match="box"):
+        store.write_image(KEYS[0], np.zeros((29, 8, 8), np.uint8), [(0, 9, 0, 1)] + [None] * 28)
+    with pytest.raises(SegensError, match="not in the store"):
+        open_store(tmp_path / "s.zarr").read(KEYS[1])
+    with pytest.raises(SegensError, match="read-only"):
+        open_store(tmp_path / "s.zarr").write_image(KEYS[0], np.zeros((29, 8, 8), np.uint8))
+    with pytest.raises(SegensError, match="split"):
+        new_store(tmp_path / "t.zarr", split="train")
+
+
+def test_open_refuses_what_is_not_a_known_store(tmp_path):
+    with pytest.raises(SegensError, match="no probability store"):
+        open_store(tmp_path / "missing.zarr")
+    zarr.create_group(tmp_path / "plain.zarr", attributes={"something": 1})
+    with pytest.raises(SegensError, match=r"plain\.zarr: not a segens probability store"):
+        open_store(tmp_path / "plain.zarr")
+    with pytest.raises(SegensError, match="not a segens probability store"):
+        new_store(tmp_path / "plain.zarr", overwrite=True)
+    new_store(tmp_path / "future.zarr")
+    group = zarr.open_group(tmp_path / "future.zarr", mode="r+")
+    group.attrs["version"] = 99
+    with pytest.raises(SegensError, match=r"future\.zarr: probability store version 99"):
+        open_store(tmp_path / "future.zarr")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    with pytest.raises(SegensError, match="not a probability store"):
+        new_store(tmp_path / "folder", overwrite=True)
+    assert (tmp_path / "folder" / "notes.txt").exists()
+
+
+def test_identity_resume_overwrite(tmp_path):
+    path = tmp_path / "m.oof.zarr"
+    new_store(path).write_image(KEYS[0], probability_maps(0, 64, 64))
+    moved = {fold: {**c, "path": f"/elsewhere/{fold}.pt"} for fold, c in CHECKPOINTS.items()}
+    assert new_store(path, checkpoints=moved).completed() == {KEYS[0]}  # same hashes: resumes
+    for change in ({"split": "test"}, {"member_name": "n"}, {"spec": {**SPEC, "tta": []}},
+                   {"checkpoints": {0: CHECKPOINTS[0], 1: {"path": "x", "sha256": "cc" * 32}}}):
+        with pytest.raises(SegensError, match="--overwrite"):
+            new_store(path, **change)
+    replaced = new_store(path, split="test", overwrite=True)
+    assert replaced.completed() == set() and open_store(path).split == "test"
+
+
+def test_store_pickles_for_worker_processes(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    probs = probability_maps(3, 64, 64)
+    copy = pickle.loads(pickle.dumps(store))
+    copy.write_image(KEYS[1], probs)
+    assert np.array_equal(pickle.loads(pickle.dumps(open_store(tmp_path / "s.zarr"))).read(KEYS[1]), probs)
+
+
+# ---- kill and resume, concurrent writers ---------------------------------------------------------------------
+
+
+def test_incomplete_image_is_invisible_and_rewritten_identically(tmp_path):
+    maps = [probability_maps(seed, 300, 280) for seed in range(2)]
+    for name in ("clean", "killed"):
+        new_store(tmp_path / name).write_image(KEYS[0], maps[0])
+    # what a kill leaves: metadata without the marker, some chunks, a temporary file of zarr's LocalStore
+    killed = tmp_path / "killed"
+    array = zarr.create_array(killed, name=KEYS[1], shape=maps[1].shape, dtype="uint8", chunks=(1, 300, 280),
+                              attributes={"height": 300, "width": 280})
+    array[:5] = 255
+    (killed / KEYS[1] / "c" / "0" / "0" / "zarr.0123.partial").write_bytes(b"half")
+    (killed / "zarr.4567.partial").write_bytes(b"half")  # at the root too: the store must still open
+
+    resumed = new_store(killed)
+    assert resumed.completed() == {KEYS[0]} and KEYS[1] not in resumed
+    with pytest.raises(SegensError, match="did not finish"):
+        open_store(killed).read(KEYS[1])
+    resumed.write_image(KEYS[1], maps[1])
+    new_store(tmp_path / "clean").write_image(KEYS[1], maps[1])
+    (killed / "zarr.4567.partial").unlink()
+    assert tree(killed) == tree(tmp_path / "clean")
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from segens.members.store import create_store
+    store = create_store(sys.argv[1], "m", "smp", "oof", {"name": "m"}, {0: {"path": "f.pt", "sha256": "ab"}})
+    done = store.completed()
+    for index in range(int(sys.argv[2])):
+        key = f"ID{index % 2:03d}/image{index}_R"
+        if key not in done:
+            probs = np.zeros((29, 1024, 1024), np.uint8)
+            for channel in range(29):  # noisy blocks: slow to compress, so a kill lands mid-write
+                probs[channel, 64 * (channel % 9):600, 32 * (channel % 13):700] = \\
+                    np.random.default_rng(index * 29 + channel).integers(0, 256, (1, 1), np.uint8)
+                probs[channel, 300:400, 300:500] = np.random.default_rng(index).integers(0, 256, (100, 200))
+            print("writing", index, flush=True)
+            store.write_image(key, probs)
+""")
+
+
+def test_killed_run_resumed_gives_identical_bytes(tmp_path):
+    count, killed = 5, tmp_path / "killed"
+    command = [sys.executable, "-c", WRITER]
+    subprocess.run([*command, str(tmp_path / "clean"), str(count)], check=True, capture_output=True, cwd=ROOT)
+    process = subprocess.Popen([*command, str(killed), str(count)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in process.stdout:
+        if line.strip() == "writing 2":
+            break
+    chunks = killed / "ID000" / "image2_R" / "c"
+    while process.poll() is None and sum(1 for f in chunks.rglob("*") if f.is_file()) < 10:
+        time.sleep(0.001)
+    os.kill(process.pid, signal.SIGKILL)  # in the middle of image 2's chunks
+    process.wait()
+    process.stdout.close()
+    assert process.returncode == -signal.SIGKILL
+    assert open_store(killed).completed() == {"ID000/image0_R", "ID001/image1_R"}
+    subprocess.run([*command, str(killed), str(count)], check=True, capture_output=True, cwd=ROOT)
+    assert tree(killed) == tree(tmp_path / "clean")
+
+
+def test_two_processes_write_disjoint_images(tmp_path):
+    maps = {key: probability_maps(index, 256, 256) for index, key in enumerate(KEYS)}
+    store = new_store(tmp_path / "shared.zarr")
+    context = multiprocessing.get_context("spawn")  # the bound method pickles the store; no torch in the workers
+    workers = [context.Process(target=store.write_image, args=(key, maps[key])) for key in KEYS[:2]]  # same group
+    for worker in workers:
+        worker.start()
+    store.write_image(KEYS[2], maps[KEYS[2]])
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    serial = new_store(tmp_path / "serial.zarr")
+    for key, probs in maps.items():
+        serial.write_image(key, probs)
+    assert open_store(tmp_path / "shared.zarr").keys() == sorted(KEYS)
+    assert tree(tmp_path / "shared.zarr") == tree(tmp_path / "serial.zarr")
+
+
+# ---- logits -> uint8 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("low, high", [
+    ((64, 64), (256, 256)),  # 4x, the common case
+    ((48, 40), (96, 160)),  # 2x and 4x
+    ((48, 48), (128, 128)),  # 8/3: dyadic, not integer
+    ((50, 30), (128, 77)),  # not dyadic: full-size planes
+    ((64, 64), (64, 64)),  # equal sizes
+    ((96, 96), (64, 64)),  # downsampling
+])
+def test_logits_to_uint8_equals_float32_path(one_thread, low, high):
+    for seed in range(2):
+        logits = blob_logits(seed, *low)
+        probs, boxes = logits_to_uint8(logits, *high)
+        reference = reference_logits_to_uint8(logits, *high)
+        assert probs.dtype == np.uint8 and probs.shape == (NUM_CLASSES, *high)
+        assert np.array_equal(probs, reference)
+        assert boxes == [bbox(plane) for plane in reference]
+        assert boxes[-1] is None and boxes[0] is not None
+
+
+def test_logits_to_uint8_rejects_non_finite_and_wrong_shapes():
+    logits = blob_logits(0, 16, 16)
+    logits[3, 4, 5] = float("nan")
+    with pytest.raises(SegensError, match="image7.*NaN"):
+        logits_to_uint8(logits, 64, 64, where="image7")
+    with pytest.raises(SegensError, match="29 classes"):
+        logits_to_uint8(torch.zeros(3, 16, 16), 64, 64)
+
+
+def _sigmoid_disagreements(limit: int = 8) -> np.ndarray:
+    """float32 logits where torch's scalar and vectorized sigmoid round to different quantized values."""
+    found: list[float] = []
+    for level in range(1, 80):
+        p = (level + 0.5) / 255
+        centre = np.float32(np.log(p / (1 - p)))
+        xs = (centre.view(np.int32) + np.arange(-2048, 2048, dtype=np.int32)).view(np.float32)
+        vectorized = torch.sigmoid(torch.from_numpy(xs)).numpy()
+        scalar = np.concatenate([torch.sigmoid(torch.from_numpy(xs[i:i + 7].copy())).numpy()  # below one vector
+                                 for i in range(0, xs.size, 7)])
+        found.extend(xs[quantize(vectorized) != quantize(scalar)].tolist())
+        if len(found) >= limit:
+            break
+    return np.array(found[:limit], dtype=np.float32)
+
+
+def test_logits_at_rounding_boundaries_match_the_full_size_path(one_thread):
+    values = _sigmoid_disagreements()
+    if values.size == 0:
+        pytest.skip("torch's scalar and vectorized sigmoid agree at every quantization boundary on this CPU")
+    logits = torch.full((NUM_CLASSES, 4, 8), -20.0)  # 928 values: the reference's sigmoid is all vectorized
+    logits[0, 3] = torch.from_numpy(np.resize(values, 8))  # the crop (3 x 8) is below one vector: padded
+    probs, _ = logits_to_uint8(logits, 4, 8)
+    assert np.array_equal(probs, reference_logits_to_uint8(logits, 4, 8))
