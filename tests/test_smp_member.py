@@ -160,3 +160,20 @@ def test_folds_file_that_does_not_match_the_root_stops_before_training(small_roo
     result = CliRunner().invoke(app, ["train-member", str(spec_path), "--data", str(small_root), "--folds", str(broken)])
     assert result.exit_code != 0
     assert not (tmp_path / "unetpp-r18").exists()
+
+
+def test_fast_uint8_path_equals_quantized_probabilities(tmp_path: Path) -> None:
+    from segens.members.store import quantize
+
+    spec = MemberSpec(name="m", kind="smp", input_size=(64, 64), tta=["hflip"],
+                      model={"architecture": "Unet", "encoder": "resnet18"}, path=tmp_path / "m.yaml")
+    member = SmpMember(spec)
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        member._models[fold] = member.new_model().eval()
+    images = [np.random.default_rng(i).integers(0, 255, shape, dtype=np.uint8) for i, shape in
+              enumerate([(128, 128), (100, 150)])]
+    for folds in ([0], [0, 1]):
+        expected = [quantize(p) for p in member.predict(images, folds)]
+        for (values, boxes), wanted in zip(member.predict_uint8(images, folds), expected):
+            assert np.array_equal(values, wanted)

@@ -49,6 +49,54 @@ def logits_to_uint8(logits: torch.Tensor, height: int, width: int,
     return out, boxes
 
 
+def passes_to_uint8(passes: list[torch.Tensor], height: int, width: int,
+                    where: str = "logits") -> tuple[np.ndarray, list[BBox | None]]:
+    """Several (C, h, w) logit maps (folds, flipped passes) -> uint8 of the mean of their sigmoids, and boxes.
+
+    Equal to ``reference_passes_to_uint8``: per pass bilinear upsampling and sigmoid in float32, summed in
+    pass order, divided by the pass count, quantized; computed only where some pass can be non-zero.
+    """
+    if len(passes) == 1:
+        return logits_to_uint8(passes[0], height, width, where)
+    checked = [_check_logits(logits, where) for logits in passes]
+    out = np.zeros((checked[0].shape[0], height, width), dtype=np.uint8)
+    boxes: list[BBox | None] = []
+    regions = [_active_regions(logits) for logits in checked]
+    for channel in range(checked[0].shape[0]):
+        present = [region[channel] for region in regions if region[channel] is not None]
+        if not present:
+            boxes.append(None)
+            continue
+        region = (min(r[0] for r in present), max(r[1] for r in present), min(r[2] for r in present),
+                  max(r[3] for r in present))
+        plane_shape = checked[0].shape[1:]
+        rows = _output_span(region[0], region[1], plane_shape[0], height)
+        cols = _output_span(region[2], region[3], plane_shape[1], width)
+        total = None
+        for logits in checked:
+            term = _sigmoid(_upsample_region(logits[channel], rows, cols, height, width))
+            total = term if total is None else total + term
+        values = quantize(total / np.float32(len(checked)))
+        inner = bbox(values)
+        if inner is None:
+            boxes.append(None)
+            continue
+        box = (rows[0] + inner[0], rows[0] + inner[1], cols[0] + inner[2], cols[0] + inner[3])
+        out[channel, box[0]:box[1], box[2]:box[3]] = values[inner[0]:inner[1], inner[2]:inner[3]]
+        boxes.append(box)
+    return out, boxes
+
+
+def reference_passes_to_uint8(passes: list[torch.Tensor], height: int, width: int) -> np.ndarray:
+    """The straightforward float32 path for several passes: sum of full-size sigmoids in order, / count."""
+    total = None
+    for logits in passes:
+        full = F.interpolate(logits.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        term = torch.sigmoid(full).numpy()
+        total = term if total is None else total + term
+    return quantize(total / np.float32(len(passes)))
+
+
 def _class_values(plane: torch.Tensor, region: BBox | None, height: int,
                   width: int) -> tuple[BBox | None, np.ndarray | None]:
     """One class: (box of its non-zero output values, the uint8 values in it), from its (h, w) logits."""

@@ -31,6 +31,7 @@ from segens.folds.augment import Augment
 from segens.folds.losses import WeightedLoss
 from segens.folds.torchdata import LabelledImages, resize_image
 from segens.members.base import FoldResult
+from segens.members.postprocess import passes_to_uint8
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
 from segens.progress import console, progress_bar
@@ -194,24 +195,35 @@ class SmpMember:
                 return torch.stack([logits, flipped])
         return logits[None]
 
-    def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
-        """(H, W) uint8 images -> (29, H, W) float32 probabilities: logits upsampled bilinearly to each image's
-        size, sigmoid, averaged over TTA passes and the folds' checkpoints (probability space)."""
+    def pass_logits(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Per image, its (29, h, w) float32 CPU logits at the input size: fold by fold, then the flipped pass."""
         batch_size = int(self.spec.train.get("predict_batch_size", 4))
-        results: list[np.ndarray] = []
+        passes: list[list[torch.Tensor]] = [[] for _ in images]
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            tensor = self._batch_tensor(chunk)
-            sums = [torch.zeros((NUM_CLASSES, *image.shape), device=self.device) for image in chunk]
-            passes = 0
+            tensor = self._batch_tensor(images[start : start + batch_size])
             for fold in folds:
-                logits = self._forward(self.model_for(fold), tensor)  # (passes, N, 29, h, w)
-                passes += logits.shape[0]
-                for index, image in enumerate(chunk):
-                    upsampled = F.interpolate(logits[:, index], size=image.shape, mode="bilinear", align_corners=False)
-                    sums[index] += torch.sigmoid(upsampled).sum(0)
-            results.extend((total / passes).cpu().numpy() for total in sums)
+                logits = self._forward(self.model_for(fold), tensor).cpu()  # (passes, N, 29, h, w)
+                for index in range(logits.shape[1]):
+                    passes[start + index].extend(logits[:, index])
+        return passes
+
+    def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
+        """(H, W) uint8 images -> (29, H, W) float32 probabilities: each pass's logits upsampled bilinearly to
+        the image's size, sigmoid, summed in pass order and divided by the pass count (probability space)."""
+        results = []
+        for image, passes in zip(images, self.pass_logits(images, folds)):
+            total = None
+            for logits in passes:
+                term = torch.sigmoid(F.interpolate(logits[None], size=image.shape, mode="bilinear", align_corners=False)[0])
+                total = term if total is None else total + term
+            results.append((total / np.float32(len(passes))).numpy())
         return results
+
+    def predict_uint8(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[tuple[np.ndarray, list]]:
+        """The quantized ``predict`` (identical values) with per-class boxes, computed only where a class can be
+        non-zero: the fast path for writing stores."""
+        return [passes_to_uint8(passes, *image.shape, where=f"member {self.spec.name}")
+                for image, passes in zip(images, self.pass_logits(images, folds))]
 
     # ---- training ---------------------------------------------------------------------------------------
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
