@@ -43,8 +43,8 @@ class DemoConfig:
     step: float
 
 
-FULL = DemoConfig(train_patients=24, test_patients=6, image_size=512, k=3, smp_input=128, smp_epochs=6,
-                  yolo_input=256, yolo_epochs=12, step=0.1)
+FULL = DemoConfig(train_patients=24, test_patients=6, image_size=512, k=3, smp_input=64, smp_epochs=5,
+                  yolo_input=128, yolo_epochs=6, step=0.1)
 QUICK = DemoConfig(train_patients=6, test_patients=2, image_size=128, k=2, smp_input=64, smp_epochs=1,
                    yolo_input=64, yolo_epochs=1, step=0.25)
 
@@ -61,7 +61,7 @@ def member_specs(config: DemoConfig) -> dict[str, dict[str, Any]]:
                          "model": {"architecture": "UnetPlusPlus", "encoder": "tu-hrnet_w18_small"},
                          "train": smp_train},
         "yolov8-seg": {"name": "yolov8-seg", "kind": "yolo", "input_size": config.yolo_input, "tta": [],
-                       "model": {"config": "yolov8n-seg.yaml", "conf": 0.001},
+                       "model": {"config": "yolov8n-seg.yaml", "conf": 0.001, "max_det": 60},
                        "train": {"epochs": config.yolo_epochs, "batch": 4, "nbs": 4, "optimizer": "AdamW",
                                  "lr0": 0.002, "warmup_epochs": 0, "seed": 0}},
     }
