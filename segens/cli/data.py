@@ -1,8 +1,7 @@
-"""Commands for data: ``ens synth``, ``ens selfcheck``, ``ens evaluate``."""
+"""Commands for data: ``ens synth``, ``ens selfcheck``."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -61,34 +60,6 @@ def selfcheck(
     table.add_row("RLE identical to the reference encoder", "yes" if result.rle_matches_reference else "NO")
     output.print(table)
     output.print("[green]self-check passed[/]")
-
-
-@app.command()
-def evaluate(
-    pred: Annotated[Path, typer.Argument(help="A submission CSV (image_name,class,rle).")],
-    data: Annotated[Path, typer.Option(help="Data root with labels for the split.")],
-    split: Annotated[str, typer.Option(help="train or test.")] = "test",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """Score a submission with the competition's Dice: per image and class, mean over images, then classes.
-
-    Rows are matched by (image_name, class), never by position.
-
-    Example: `ens evaluate submission.csv --data data/ --split test --json`
-    """
-    from segens.ensemble.evaluate import evaluate_submission
-
-    table = evaluate_submission(pred, data, split)
-    if as_json:
-        output.print_json(json.dumps(table.as_dict()))
-        return
-    shown = Table(title=f"Dice of {pred} on {len(table.scores)} images")
-    shown.add_column("class")
-    shown.add_column("Dice", justify="right")
-    for name, score in table.as_dict()["per_class"].items():
-        shown.add_row(name, f"{score:.4f}")
-    shown.add_row("[bold]mean", f"[bold]{table.mean():.4f}")
-    output.print(shown)
 
 
 @app.command()
