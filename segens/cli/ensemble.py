@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from segens.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
 from segens.cli._app import app, console, output
 
 
 @app.command()
 def combine(
-    stores: Annotated[list[str], typer.Argument(help="Probability stores of the members (same split), e.g. stores/*.test.zarr.")],
+    stores: Annotated[list[str], typer.Argument(help="Probability stores of the members (same split), e.g. stores/*.test.zarr (paths or URLs such as s3://bucket/vgg.test.zarr).")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write (atomically).")],
     strategy: Annotated[str, typer.Option(help="soft | weighted | hard (see below).")] = "soft",
     recipe: Annotated[Path | None, typer.Option(help="recipe.json from `ens search-weights`: per-class weights, thresholds, post-processing.")] = None,
@@ -23,6 +24,9 @@ def combine(
     force: Annotated[bool, typer.Option(help="Combine even if the recipe's members or checkpoints differ from the stores'.")] = False,
     masks_out: Annotated[str | None, typer.Option(help="Also write the binary masks as a store (for `ens show`, `ens evaluate`).")] = None,
     jobs: Annotated[int, typer.Option(help="Images combined in parallel (joblib processes).")] = 1,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, envvar=STORAGE_OPTIONS_ENV)] = None,
 ) -> None:
     """Combine members' probability stores into the competition CSV, one image at a time.
 
@@ -36,12 +40,16 @@ def combine(
     order (sorted IDxxx/name, then class), image_name is the file name, empty masks are empty fields.
 
     Example: `ens combine stores/*.test.zarr --strategy weighted --recipe recipe.json --out submission.csv`
+
+    On a cluster (workers read the stores, this process writes the same CSV): `ens combine s3://bucket/vgg.test.zarr s3://bucket/hrnet.test.zarr --out submission.csv --backend dask --scheduler tcp://10.0.0.5:8786`
     """
+    from segens.backend import parse_storage_options
     from segens.ensemble.combine import combine as run, parse_weights
 
     summary = run(stores, out, strategy=strategy, recipe_path=recipe, weights=parse_weights(weights),
                   threshold=threshold, min_votes=min_votes, allow_missing=allow_missing, force=force,
-                  masks_out=masks_out, jobs=jobs)
+                  masks_out=masks_out, jobs=jobs, backend=backend, scheduler=scheduler,
+                  storage_options=parse_storage_options(storage_options))
     for member, count in summary.missing.items():
         console.print(f"[yellow]warning:[/] member {member} was missing for {count} image(s) and was dropped there")
     output.print(f"{summary.out}: {summary.rows} rows for {summary.images} images, {summary.seconds:.1f} s")
@@ -50,7 +58,7 @@ def combine(
 @app.command("search-weights")
 def search_weights(
     stores: Annotated[list[str], typer.Argument(help="OOF probability stores of the members (`ens predict-member --split oof`).")],
-    data: Annotated[Path, typer.Option(help="Data root with the training labels.")],
+    data: Annotated[Path, typer.Option(help="Data root with the training labels (a local path; with --backend dask on a shared file system).")],
     out: Annotated[Path, typer.Option(help="recipe.json to write (read by `ens combine --recipe`).")] = Path("recipe.json"),
     folds: Annotated[Path | None, typer.Option(help="folds.json the OOF predictions came from (needed for --cv).")] = None,
     strategy: Annotated[str, typer.Option(help="weighted: weights + threshold per class; soft: threshold only; hard: member thresholds + vote count.")] = "weighted",
@@ -61,6 +69,9 @@ def search_weights(
     jobs: Annotated[int, typer.Option(help="Classes searched in parallel.")] = 1,
     report_csv: Annotated[Path | None, typer.Option(help="Write the per-class table as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: weights heatmap and Dice gain per class.")] = None,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, envvar=STORAGE_OPTIONS_ENV)] = None,
 ) -> None:
     """Fit per-class weights, thresholds and post-processing on out-of-fold predictions, exactly and fast.
 
@@ -71,13 +82,17 @@ def search_weights(
     whether it beats the plain mean on held-out folds.
 
     Example: `ens search-weights stores/*.oof.zarr --data data/ --folds folds.json --cv --out recipe.json --plot report.png`
+
+    On a cluster (classes spread over the workers; --data on a shared file system): `ens search-weights s3://bucket/vgg.oof.zarr s3://bucket/hrnet.oof.zarr --data /shared/data --out recipe.json --backend dask --scheduler tcp://10.0.0.5:8786`
     """
     from rich.table import Table
 
+    from segens.backend import parse_storage_options
     from segens.ensemble.search_weights import report_rows, search_weights as run
 
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
-                 postprocess=postprocess)
+                 postprocess=postprocess, backend=backend, scheduler=scheduler,
+                 storage_options=parse_storage_options(storage_options))
     rows = report_rows(report)
     table = Table(title=f"OOF Dice per class ({strategy}); recipe written to {out}")
     for column in rows[0]:

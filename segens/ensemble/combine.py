@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
+from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.ensemble.postprocess import apply_postprocessing
 from segens.ensemble.recipe import STRATEGIES, Recipe, load_recipe
@@ -243,12 +244,20 @@ def _combine_one(stores, key, settings, present, masks_out) -> tuple[str, list[s
 def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "soft", recipe_path: str | Path | None = None,
             weights: dict[str, float] | None = None, threshold: float | None = None, min_votes: float | None = None,
             allow_missing: bool = False, force: bool = False, masks_out: str | Path | None = None, jobs: int = 1,
-            progress: bool = True) -> CombineSummary:
-    """Combine stores into a submission CSV, written atomically; every check runs before anything is written."""
+            progress: bool = True, backend: str = "local", scheduler: str | None = None,
+            storage_options: dict | None = None) -> CombineSummary:
+    """Combine stores into a submission CSV, written atomically; every check runs before anything is written.
+
+    Images are combined by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
+    scheduler at ``scheduler``, which read the stores themselves (shared file system, or URLs such as
+    s3://bucket/m.test.zarr opened with ``storage_options``); this process writes the CSV, identical either way.
+    """
     started = time.perf_counter()
+    check_backend(backend, scheduler)
     if not store_urls:
         raise SegensError("give at least one store")
-    stores = [open_store(url) for url in store_urls]
+    locations = [shared_location(url, backend) for url in store_urls]
+    stores = [open_store(location, store_options(location, storage_options)) for location in locations]
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     if recipe is not None:
         check_recipe(recipe, stores, force)
@@ -256,18 +265,22 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
             raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
     keys, present, missing = check_stores(stores, allow_missing)
     settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
-    mask_store = None
-    if masks_out is not None:
-        mask_store = create_store(masks_out, "ensemble", "combined", stores[0].split,
-                                  {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=True)
-    tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store) for index, key in enumerate(keys))
+    with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
+        mask_store = None
+        if masks_out is not None:
+            masks_location = shared_location(masks_out, backend)
+            mask_store = create_store(masks_location, "ensemble", "combined", stores[0].split,
+                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=True,
+                                      storage_options=store_options(masks_location, storage_options))
+        tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store)
+                 for index, key in enumerate(keys))
 
-    def rows():
-        with progress_bar("img", disable=not progress) as bar:
-            task = bar.add_task(f"combine ({strategy})", total=len(keys))
-            for key, rles in Parallel(n_jobs=jobs, return_as="generator")(tasks):
-                bar.update(task, advance=1)
-                yield from image_rows(key.rsplit("/", 1)[-1] + IMAGE_SUFFIX, rles)
+        def rows():
+            with progress_bar("img", disable=not progress) as bar:
+                task = bar.add_task(f"combine ({strategy})", total=len(keys))
+                for key, rles in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator")(tasks):
+                    bar.update(task, advance=1)
+                    yield from image_rows(key.rsplit("/", 1)[-1] + IMAGE_SUFFIX, rles)
 
-    count = write_submission(out, rows())
+        count = write_submission(out, rows())
     return CombineSummary(Path(out), len(keys), count, time.perf_counter() - started, missing)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
+from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.dataset import discover
 from segens.ensemble.combine import check_stores
@@ -54,20 +55,29 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
 
 def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_path: str | Path | None,
                    out: str | Path, strategy: str = "weighted", step: float = 0.1, method: str = "grid",
-                   cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True) -> SearchReport:
-    """Search every class, write ``out`` (recipe.json), return the report."""
+                   cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
+                   backend: str = "local", scheduler: str | None = None,
+                   storage_options: dict | None = None) -> SearchReport:
+    """Search every class, write ``out`` (recipe.json), return the report.
+
+    Classes are searched by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
+    scheduler at ``scheduler``, which read the stores (shared file system, or URLs such as s3://bucket/m.oof.zarr
+    opened with ``storage_options``) and the labels under ``root`` (the same path on every machine) themselves.
+    """
+    check_backend(backend, scheduler)
     if strategy not in ("soft", "weighted", "hard"):
         raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not 0 < step <= 0.5:
         raise SegensError(f"--step must be in (0, 0.5], got {step}")
-    stores = [open_store(url) for url in store_urls]
+    locations = [shared_location(url, backend) for url in store_urls]
+    stores = [open_store(location, store_options(location, storage_options)) for location in locations]
     if any(store.split != "oof" for store in stores):
         raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
                           "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
     keys, _, _ = check_stores(stores, allow_missing=False)
-    records_by_key = discover(root, "train").by_key()
+    records_by_key = discover(Path(root).resolve() if backend == "dask" else root, "train").by_key()
     missing = [key for key in keys if key not in records_by_key]
     if missing:
         raise SegensError(f"{stores[0].url}: image {missing[0]!r} is not a labelled training image of {root}")
@@ -82,9 +92,9 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
              for channel in range(NUM_CLASSES))
     results = []
-    with progress_bar("class", disable=not progress) as bar:
+    with parallel_backend(backend, scheduler), progress_bar("class", disable=not progress) as bar:
         task = bar.add_task(f"search ({strategy}, {len(keys)} images)", total=NUM_CLASSES)
-        for result in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+        for result in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
             results.append(result)
             bar.update(task, advance=1)
     report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel))

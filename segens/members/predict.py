@@ -7,13 +7,17 @@ Completed images are skipped (resume is the default); a killed run loses at most
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options, worker_count
 from segens.dataset import ImageRecord, discover, read_image
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
@@ -21,6 +25,9 @@ from segens.members.registry import factory
 from segens.members.spec import MemberSpec, load_spec, sha256_of
 from segens.members.store import ProbabilityStore, create_store, quantize
 from segens.progress import progress_bar
+
+CHUNKS_PER_WORKER = 4
+"""The parallel path splits the images to do into about this many chunks per worker (whole batches each)."""
 
 @dataclass
 class PredictSummary:
@@ -91,31 +98,127 @@ def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[i
 
 def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str | Path,
                    folds_path: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
-                   trust_pickle: bool = False, batch_size: int = 4, progress: bool = True) -> PredictSummary:
-    """Predict a split into the store at ``out`` (created, or resumed if it has the same identity)."""
+                   trust_pickle: bool = False, batch_size: int = 4, progress: bool = True, jobs: int = 1,
+                   backend: str = "local", scheduler: str | None = None,
+                   storage_options: dict[str, Any] | None = None) -> PredictSummary:
+    """Predict a split into the store at ``out`` (created, or resumed if it has the same identity).
+
+    ``backend="local"`` with ``jobs=1`` predicts in this process; ``jobs > 1`` in joblib processes, and
+    ``backend="dask"`` on the workers of the Dask scheduler at ``scheduler`` (see segens.backend). In parallel,
+    each worker process builds the member once (one model copy, on its own GPU with ``device="auto"``) and writes
+    its images straight into the store, so ``out`` must be reachable from every worker (a shared file system or
+    a URL such as s3://bucket/m.oof.zarr opened with ``storage_options``); the data root, spec and checkpoints
+    are read by the workers at the same paths. The store's bytes do not depend on the backend.
+    """
+    check_backend(backend, scheduler)
+    if jobs < 1:
+        raise SegensError(f"--jobs must be >= 1, got {jobs}")
     spec = load_spec(spec_path)
     member = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+    if backend == "dask":
+        root = Path(root).resolve()  # workers read the images by these paths, from their own working directory
     if getattr(member, "uses_folds", True):
-        jobs = plan(spec, split, root, folds_path)
-        checkpoints = verified_checkpoints(spec, {fold for _, folds_used in jobs for fold in folds_used})
+        jobs_planned = plan(spec, split, root, folds_path)
+        checkpoints = verified_checkpoints(spec, {fold for _, folds_used in jobs_planned for fold in folds_used})
     else:
         records = discover(root, "train" if split == "oof" else "test", require_labels=False).records
         member.check_images(split, records)
-        jobs, checkpoints = [(record, ()) for record in records], member.checkpoints_for(split)
-    store = create_store(out, spec.name, spec.kind, split, spec.to_dict(), checkpoints, overwrite=overwrite)
-    done = store.completed()
-    todo = [job for job in jobs if job[0].key not in done]
-    started = time.perf_counter()
-    _run(member, store, todo, batch_size, split, progress)
-    return PredictSummary(str(out), len(todo), len(jobs) - len(todo), time.perf_counter() - started)
+        jobs_planned, checkpoints = [(record, ()) for record in records], member.checkpoints_for(split)
+    location = shared_location(out, backend)
+    with parallel_backend(backend, scheduler) as client:  # reach the cluster before anything is written
+        store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), checkpoints, overwrite=overwrite,
+                             storage_options=store_options(location, storage_options))
+        done = store.completed()
+        todo = [job for job in jobs_planned if job[0].key not in done]
+        started = time.perf_counter()
+        if backend == "local" and jobs == 1:
+            _run(member, store, todo, batch_size, split, progress)
+        else:
+            _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, todo, batch_size, split,
+                          progress, n_jobs(backend, jobs), worker_count(client, jobs))
+    return PredictSummary(str(out), len(todo), len(jobs_planned) - len(todo), time.perf_counter() - started)
+
+
+def _write_batch(member, store: ProbabilityStore, batch: list, split: str) -> Iterator[str]:
+    """Predict one batch (images sharing their folds) and write each image; yields keys as they are written."""
+    records = [record for record, _ in batch]
+    for record, probabilities in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
+        values = probabilities if probabilities.dtype == np.uint8 else quantize(probabilities)
+        store.write_image(record.key, values)
+        yield record.key
 
 
 def _run(member, store: ProbabilityStore, todo: list, batch_size: int, split: str, progress: bool) -> None:
     with progress_bar("img", disable=not progress) as bar:
         task = bar.add_task(f"{member.spec.name} {split}", total=len(todo))
         for batch in _batches(todo, batch_size):
-            records = [record for record, _ in batch]
-            for record, probabilities in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
-                values = probabilities if probabilities.dtype == np.uint8 else quantize(probabilities)
-                store.write_image(record.key, values)
+            for _ in _write_batch(member, store, batch, split):
                 bar.update(task, advance=1)
+
+
+# ---- the parallel path: chunks of whole batches, one member per worker process ---------------------------------
+
+_WORKER_MEMBERS: dict[tuple[str, str, str, bool], Any] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def _spec_hash(spec: MemberSpec) -> str:
+    """sha256 of the spec file's content (or of its document, for a spec not read from a file)."""
+    if spec.path is not None and Path(spec.path).is_file():
+        return sha256_of(spec.path)
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _portable(spec: MemberSpec) -> MemberSpec:
+    """The spec with absolute paths (its file, each checkpoint) for processes whose working directory differs."""
+    return dataclasses.replace(
+        spec, path=Path(spec.path).resolve() if spec.path is not None else None,
+        checkpoints={fold: dataclasses.replace(checkpoint, path=Path(checkpoint.path).resolve())
+                     for fold, checkpoint in spec.checkpoints.items()})
+
+
+def worker_member(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool):
+    """The member adapter of this process, built on first use and kept in a module-level cache keyed by the spec
+    file's content hash, its path and the device: one model copy per worker process, reused by every task of the
+    run (a task of another member replaces it)."""
+    key = (spec_hash, str(spec.path), device, trust_pickle)
+    with _WORKER_LOCK:  # threads of one worker share the copy
+        member = _WORKER_MEMBERS.get(key)
+        if member is None:
+            _WORKER_MEMBERS.clear()  # only the latest member stays: a long-lived worker never piles up models
+            member = _WORKER_MEMBERS[key] = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+    return member
+
+
+def _predict_chunk(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
+                   batches: list[list], split: str) -> int:
+    """A task: predict and write a chunk of batches with this process's member; the number of images written."""
+    member = worker_member(spec, spec_hash, device, trust_pickle)
+    return sum(1 for batch in batches for _ in _write_batch(member, store, batch, split))
+
+
+def chunk_batches(batches: list[list], workers: int) -> list[list[list]]:
+    """Whole batches grouped into about ``CHUNKS_PER_WORKER`` chunks per worker, batches of the same folds
+    together (a worker then loads fewer fold models); batch composition is never changed."""
+    if not batches:
+        return []
+    ordered = sorted(batches, key=lambda batch: batch[0][1])  # stable: submission order within the same folds
+    count = min(len(ordered), max(1, workers) * CHUNKS_PER_WORKER)
+    size = -(-len(ordered) // count)
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+def _run_parallel(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
+                  todo: list, batch_size: int, split: str, progress: bool, jobs: int, workers: int) -> None:
+    """Chunks of the same batches as the serial path, as tasks of the active joblib backend (local or Dask)."""
+    from joblib import Parallel, delayed
+
+    chunks = chunk_batches(list(_batches(todo, batch_size)), workers)
+    tasks = (delayed(_predict_chunk)(spec, spec_hash, device, trust_pickle, store, chunk, split) for chunk in chunks)
+    with progress_bar("img", disable=not progress) as bar:
+        task = bar.add_task(f"{spec.name} {split}", total=len(todo))
+        for written in Parallel(n_jobs=jobs, batch_size=1, return_as="generator_unordered")(tasks):
+            bar.update(task, advance=written)

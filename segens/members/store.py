@@ -330,7 +330,9 @@ def _make_store(url: str, storage_options: dict[str, Any] | None, read_only: boo
     if url.startswith("file://"):
         url = url[len("file://"):]  # zarr's LocalStore: atomic writes; fsspec's local file system makes no folders
     if "://" in url:
-        return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+        # other processes add images: a cached directory listing (s3fs caches them per process) would hide them
+        options = {"use_listings_cache": False, **(storage_options or {})}
+        return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     if storage_options:
         raise SegensError(f"{url}: storage options are only for URLs such as s3://bucket/path")
     if read_only and not Path(url).is_dir():
