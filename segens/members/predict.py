@@ -88,12 +88,16 @@ def _batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int) -> 
         yield batch
 
 
-def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[int], split: str) -> list[np.ndarray]:
-    """(29, H, W) probabilities per record: float32 in [0, 1], or uint8 already quantized (kind csv, which
-    reads its CSV rather than pixels)."""
+def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[int],
+                  split: str) -> list[tuple[np.ndarray, list | None]]:
+    """(29, H, W) uint8 probabilities per record with per-class boxes (None: computed on write). Kinds with a
+    fast quantized path (smp) use it; others' float32 maps are quantized here; csv reads its CSV, not pixels."""
     if not getattr(member, "uses_folds", True):
-        return member.predict_records(records, split)
-    return member.predict([read_image(record.image_path) for record in records], folds_used)
+        return [(values, None) for values in member.predict_records(records, split)]
+    images = [read_image(record.image_path) for record in records]
+    if hasattr(member, "predict_uint8"):
+        return member.predict_uint8(images, folds_used)
+    return [(quantize(probabilities), None) for probabilities in member.predict(images, folds_used)]
 
 
 def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str | Path,
@@ -142,9 +146,8 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
 def _write_batch(member, store: ProbabilityStore, batch: list, split: str) -> Iterator[str]:
     """Predict one batch (images sharing their folds) and write each image; yields keys as they are written."""
     records = [record for record, _ in batch]
-    for record, probabilities in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
-        values = probabilities if probabilities.dtype == np.uint8 else quantize(probabilities)
-        store.write_image(record.key, values)
+    for record, (values, boxes) in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
+        store.write_image(record.key, values, boxes)
         yield record.key
 
 
