@@ -32,7 +32,9 @@ def run(size: int = 2048, patients: int = 2, repeats: int = 3) -> dict[str, floa
     with tempfile.TemporaryDirectory() as folder:
         generate(folder, n_train_patients=patients, n_test_patients=1, size=size, seed=0)
         stacks = [read_record_mask(record) for record in discover(folder, "train").records]
-    rle.decode_box(rle.encode(stacks[0][0]), size, size)  # compile the numba kernels outside the timing
+    warm = rle.encode_stack(stacks[0])  # load the numba kernels outside the timing
+    rle.decode_box(warm[0], size, size)
+    rle.decode_stack(warm, size, size)
     times: dict[str, list[float]] = {k: [] for k in ("encode_ref", "encode", "decode_ref", "decode_box", "decode_full")}
     for _ in range(repeats):
         for masks in stacks:
