@@ -29,8 +29,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_WORKDIR, BenchData, bench_data, load_average, machine_line, median,  # noqa: E402
-                    nonzero_fraction, peak_rss_mb, print_table, replicated_stores, row, run_python, timed)
+from common import (  # noqa: E402
+    DEFAULT_WORKDIR,
+    BenchData,
+    bench_data,
+    load_average,
+    machine_line,
+    median,
+    nonzero_fraction,
+    peak_rss_mb,
+    print_table,
+    replicated_stores,
+    row,
+    run_python,
+    timed,
+)
 
 from segens.ensemble.combine import combine, resolve_settings  # noqa: E402
 from segens.reference import reference_combine  # noqa: E402

@@ -12,7 +12,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -33,8 +33,18 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_WORKDIR, BenchData, bench_data, load_average, machine_line, median,  # noqa: E402
-                    peak_rss_mb, print_table, row, timed)
+from common import (  # noqa: E402
+    DEFAULT_WORKDIR,
+    BenchData,
+    bench_data,
+    load_average,
+    machine_line,
+    median,
+    peak_rss_mb,
+    print_table,
+    row,
+    timed,
+)
 
 from segens.classes import CLASSES, class_index  # noqa: E402
 from segens.dataset import ImageRecord  # noqa: E402

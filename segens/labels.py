@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segens.classes import CLASSES, NUM_CLASSES, CLASS_TO_INDEX
+from segens.classes import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 
 Polygons = dict[str, np.ndarray]

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from segens.classes import CLASSES
 from segens.labels import write_label_json
@@ -45,3 +46,30 @@ def tiny_root(tmp_path: Path) -> Path:
             write_label_json(root / split / "outputs_json" / patient / f"{stem}.json", square_polygons(40, 48, seed),
                              metadata={"width": 2048, "height": 2048})
     return root
+
+
+def make_smp_project(base: Path) -> Path:
+    """A synthetic data root, 3 patient-grouped folds and an smp member ``unet.yaml`` whose three fold
+    checkpoints are real (untrained) small models saved as state_dicts."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from segens.folds.splits import make_folds, save_folds
+    from segens.members.spec import sha256_of
+    from segens.synth import generate
+
+    generate(base / "data", n_train_patients=3, n_test_patients=1, size=80, seed=2)
+    folds, _ = make_folds(base / "data", k=3, seed=0)
+    save_folds(folds, base / "folds.json")
+    checkpoints = {}
+    for fold in range(3):
+        torch.manual_seed(fold)
+        model = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(32, 16, 16, 8, 8))
+        path = base / f"fold{fold}.pt"
+        torch.save(model.state_dict(), path)
+        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
+    (base / "unet.yaml").write_text(yaml.safe_dump({
+        "name": "unet", "kind": "smp", "input_size": 64, "tta": ["hflip"],
+        "model": {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
+        "checkpoints": checkpoints}))
+    return base

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import make_smp_project
 from scipy import ndimage
 from typer.testing import CliRunner
 
@@ -25,11 +25,8 @@ from segens.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.search_weights import search_weights
 from segens.errors import SegensError
-from segens.folds.splits import make_folds, save_folds
 from segens.members.predict import chunk_batches, predict_member
-from segens.members.spec import sha256_of
 from segens.members.store import create_store, open_store
-from segens.synth import generate
 
 pytest.importorskip("distributed")
 pytest.importorskip("s3fs")
@@ -101,25 +98,7 @@ def scheduler(aws_env) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A data root, folds and an smp member whose three fold checkpoints are real (untrained) models."""
-    import segmentation_models_pytorch as smp
-    import torch
-
-    base = tmp_path_factory.mktemp("dask")
-    generate(base / "data", n_train_patients=3, n_test_patients=1, size=80, seed=2)
-    folds, _ = make_folds(base / "data", k=3, seed=0)
-    save_folds(folds, base / "folds.json")
-    checkpoints = {}
-    for fold in range(3):
-        torch.manual_seed(fold)
-        model = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(32, 16, 16, 8, 8))
-        path = base / f"fold{fold}.pt"
-        torch.save(model.state_dict(), path)
-        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
-    (base / "unet.yaml").write_text(yaml.safe_dump({
-        "name": "unet", "kind": "smp", "input_size": 64, "tta": ["hflip"],
-        "model": {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
-        "checkpoints": checkpoints}))
-    return base
+    return make_smp_project(tmp_path_factory.mktemp("dask"))
 
 
 def s3_url(name: str) -> str:

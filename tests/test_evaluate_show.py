@@ -17,8 +17,7 @@ from segens.classes import NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
 from segens.dice import dice_per_class
-from segens.ensemble.evaluate import evaluate_prediction, evaluate_store, evaluate_submission, keep_table, \
-    truth_masks
+from segens.ensemble.evaluate import evaluate_prediction, evaluate_store, evaluate_submission, keep_table, truth_masks
 from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, draw_overlay, figure_pixels
 from segens.errors import SegensError
 from segens.members.store import create_store, open_store

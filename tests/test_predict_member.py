@@ -6,43 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import segmentation_models_pytorch as smp
-import torch
 import yaml
+from conftest import make_smp_project
 from typer.testing import CliRunner
 
 from segens.cli import app
 from segens.dataset import discover, read_image, read_record_mask
 from segens.errors import SegensError
-from segens.folds.splits import load_folds, make_folds, save_folds
+from segens.folds.splits import load_folds
 from segens.members.predict import predict_member
 from segens.members.registry import factory
-from segens.members.spec import load_spec, sha256_of
+from segens.members.spec import load_spec
 from segens.members.store import open_store, quantize
 from segens.rle import encode_stack
 from segens.submission import image_rows, read_submission, write_submission
-from segens.synth import generate
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A data root, folds and an smp member whose three fold checkpoints are real (untrained) models."""
-    base = tmp_path_factory.mktemp("predict")
-    generate(base / "data", n_train_patients=3, n_test_patients=1, size=80, seed=2)
-    folds, _ = make_folds(base / "data", k=3, seed=0)
-    save_folds(folds, base / "folds.json")
-    checkpoints = {}
-    for fold in range(3):
-        torch.manual_seed(fold)
-        model = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(32, 16, 16, 8, 8))
-        path = base / f"fold{fold}.pt"
-        torch.save(model.state_dict(), path)
-        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
-    (base / "unet.yaml").write_text(yaml.safe_dump({
-        "name": "unet", "kind": "smp", "input_size": 64, "tta": ["hflip"],
-        "model": {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
-        "checkpoints": checkpoints}))
-    return base
+    return make_smp_project(tmp_path_factory.mktemp("predict"))
 
 
 def test_oof_store_uses_the_held_out_fold(project: Path) -> None:

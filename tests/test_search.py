@@ -11,14 +11,14 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.classes import NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
 from segens.dice import dice_from_counts
 from segens.ensemble.combine import combine, normalise_weights
 from segens.ensemble.evaluate import evaluate_submission
-from segens.ensemble.evidence import class_truth, extract_class, hard_dice, threshold_grid, weighted_dice
-from segens.ensemble.search import WeightedSearch, base_candidates, make_subsets, _best
+from segens.ensemble.evidence import class_truth, extract_class, hard_dice, threshold_grid
+from segens.ensemble.search import WeightedSearch, _best, base_candidates, make_subsets
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
 from segens.members.store import create_store, open_store

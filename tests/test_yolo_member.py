@@ -3,15 +3,14 @@ soft masks reproduce ultralytics' own retina masks."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import yaml
-
 from conftest import square_polygons
+
 from segens.classes import CLASSES
 from segens.dataset import ImageRecord, discover
 from segens.errors import SegensError

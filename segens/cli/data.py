@@ -28,7 +28,8 @@ def synth(
 
     Example: `ens synth data/ --train-patients 24 --test-patients 6 --size 512 --preview synth.png`
     """
-    from segens.synth import generate, preview as make_preview
+    from segens.synth import generate
+    from segens.synth import preview as make_preview
 
     summary = generate(root, n_train_patients=train_patients, n_test_patients=test_patients, size=size,
                        seed=seed, progress=True, overwrite=overwrite)
@@ -70,8 +71,8 @@ def demo(
 ) -> None:
     """The whole workflow in one command, on a synthetic data set, on a CPU.
 
-    Makes a data set (24 patients for training, 6 for test, 512 px), patient-grouped folds, trains UNet++
-    (VGG19), UNet++ (HRNet) and YOLOv8-seg on every fold, predicts OOF and test stores, searches per-class
+    Makes a data set (16 patients for training, 6 for test, 512 px), patient-grouped folds, trains UNet++
+    (VGG19-BN), UNet++ (HRNet-W18-small) and YOLOv8-seg on every fold, predicts OOF and test stores, searches per-class
     weights with a CV estimate, combines with soft, weighted and hard voting and scores everything on the
     test labels. Ends with one table; writes the submission, the recipe, the Dice plot and an overlay.
 

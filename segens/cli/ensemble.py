@@ -44,7 +44,8 @@ def combine(
     On a cluster (workers read the stores, this process writes the same CSV): `ens combine s3://bucket/vgg.test.zarr s3://bucket/hrnet.test.zarr --out submission.csv --backend dask --scheduler tcp://10.0.0.5:8786`
     """
     from segens.backend import parse_storage_options
-    from segens.ensemble.combine import combine as run, parse_weights
+    from segens.ensemble.combine import combine as run
+    from segens.ensemble.combine import parse_weights
 
     summary = run(stores, out, strategy=strategy, recipe_path=recipe, weights=parse_weights(weights),
                   threshold=threshold, min_votes=min_votes, allow_missing=allow_missing, force=force,
@@ -88,7 +89,8 @@ def search_weights(
     from rich.table import Table
 
     from segens.backend import parse_storage_options
-    from segens.ensemble.search_weights import report_rows, search_weights as run
+    from segens.ensemble.search_weights import report_rows
+    from segens.ensemble.search_weights import search_weights as run
 
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
                  postprocess=postprocess, backend=backend, scheduler=scheduler,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from segens.dataset import ImageRecord, image_size
+from segens.dataset import ImageRecord
 from segens.dice import dice_from_counts
 from segens.ensemble.combine import union_box
 from segens.labels import check_points_inside, parse_label_json, rasterize

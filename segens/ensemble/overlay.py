@@ -25,8 +25,16 @@ from matplotlib.patches import Patch  # noqa: E402
 from segens.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
 from segens.dataset import SPLITS, ImageRecord, discover, image_size, read_image  # noqa: E402
 from segens.dice import dice_from_counts  # noqa: E402
-from segens.ensemble.evaluate import BoxedMask, Prediction, check_threshold, class_counts, dice_of_masks, \
-    open_prediction, prediction_labels, truth_masks  # noqa: E402
+from segens.ensemble.evaluate import (
+    BoxedMask,
+    Prediction,
+    check_threshold,
+    class_counts,
+    dice_of_masks,
+    open_prediction,  # noqa: E402
+    prediction_labels,
+    truth_masks,
+)
 from segens.errors import SegensError  # noqa: E402
 from segens.rle import BBox  # noqa: E402
 

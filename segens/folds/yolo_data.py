@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from segens.atomic import atomic_write_text
-from segens.classes import CLASSES, CLASS_TO_INDEX
+from segens.classes import CLASS_TO_INDEX, CLASSES
 from segens.dataset import ImageRecord, image_size
 from segens.errors import SegensError
 from segens.labels import check_points_inside, parse_label_json
