@@ -76,7 +76,7 @@ def demo(
     weights with a CV estimate, combines with soft, weighted and hard voting and scores everything on the
     test labels. Ends with one table; writes the submission, the recipe, the Dice plot and an overlay.
 
-    Example: `ens demo --out demo`   (about 15 minutes on 2 CPU cores; `--quick` about 3)
+    Example: `ens demo --out demo`   (about 11 minutes on 2 CPU cores; `--quick` about 1)
     """
     from segens.demo import run_demo
 
