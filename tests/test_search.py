@@ -218,3 +218,53 @@ def test_search_refuses_test_stores(project: Path, tmp_path: Path) -> None:
 
     with pytest.raises(SegensError, match="needs OOF stores"):
         search_weights([tmp_path / "t.zarr"], project / "data", None, tmp_path / "r.json", progress=False)
+
+
+def _without_time(recipe_path: Path) -> dict:
+    recipe = json.loads(recipe_path.read_text())
+    recipe["search"].pop("seconds")
+    return recipe
+
+
+def test_killed_search_resumes_from_its_finished_classes(project: Path, tmp_path: Path) -> None:
+    """SIGKILL a search once it has finished a class; the rerun loads the finished classes (one is marked to
+    prove it) and searches only the rest, giving the uninterrupted run's recipe."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from segens.ensemble.search_resume import FinishedClasses, partial_root
+
+    stores = [str(path) for path in sorted(project.glob("*.oof.zarr"))]
+    arguments = (stores, project / "data", project / "folds.json")
+    search_weights(*arguments, tmp_path / "clean.json", cv=True, progress=False)
+    killed = tmp_path / "killed.json"
+    script = ("import sys; from segens.ensemble.search_weights import search_weights; "
+              f"search_weights({stores!r}, {str(project / 'data')!r}, {str(project / 'folds.json')!r}, "
+              f"{str(killed)!r}, cv=True, progress=False)")
+    process = subprocess.Popen([sys.executable, "-c", script])
+    while process.poll() is None and not list(partial_root(killed).glob("*/class-*.pkl")):
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not killed.exists()
+    (folder,) = partial_root(killed).iterdir()
+    finished = FinishedClasses(killed, folder.name)
+    loaded = finished.load()
+    assert 0 < len(loaded) < NUM_CLASSES
+    marked = next(iter(loaded.values()))
+    marked.oof_dice = 0.123456
+    finished.save(marked)
+
+    search_weights(*arguments, killed, cv=True, progress=False)
+    resumed, clean = _without_time(killed), _without_time(tmp_path / "clean.json")
+    from segens.classes import CLASSES
+
+    assert resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] == 0.123456  # loaded, not searched again
+    resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] = clean["oof_dice"]["per_class"][CLASSES[marked.channel]]
+    resumed["oof_dice"].pop("summary"), clean["oof_dice"].pop("summary")
+    resumed["oof_dice"].pop("verdict"), clean["oof_dice"].pop("verdict")
+    assert resumed == clean
+    assert not partial_root(killed).exists()  # cleared once the recipe is written

@@ -80,7 +80,8 @@ def search_weights(
     include equal weights and each single member, so the recipe is never worse on OOF than either; thresholds
     are swept over all 255 quantization midpoints. Pixels that no candidate can change are counted once, so
     scores equal a brute-force evaluation. OOF scores of a fitted recipe flatter it: `--cv` says honestly
-    whether it beats the plain mean on held-out folds.
+    whether it beats the plain mean on held-out folds. Finished classes are kept beside the recipe until it is
+    written: a killed search, run again with the same inputs, resumes.
 
     Example: `ens search-weights stores/*.oof.zarr --data data/ --folds folds.json --cv --out recipe.json --plot report.png`
 

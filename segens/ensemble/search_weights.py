@@ -17,6 +17,7 @@ from segens.ensemble.combine import check_stores
 from segens.ensemble.evidence import threshold_grid
 from segens.ensemble.recipe import Recipe, save_recipe
 from segens.ensemble.search import ClassResult, SearchReport, search_class
+from segens.ensemble.search_resume import FinishedClasses, search_key
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.store import ProbabilityStore, open_store
@@ -58,7 +59,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                    cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
                    backend: str = "local", scheduler: str | None = None,
                    storage_options: dict | None = None) -> SearchReport:
-    """Search every class, write ``out`` (recipe.json), return the report.
+    """Search every class, write ``out`` (recipe.json), return the report. Each finished class is kept beside
+``out`` until the recipe is written, so a killed search run again with the same inputs resumes.
 
     Classes are searched by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
     scheduler at ``scheduler``, which read the stores (shared file system, or URLs such as s3://bucket/m.oof.zarr
@@ -89,12 +91,18 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         folds = load_folds(folds_path, root=root)
         folds_of_images = [folds.fold_of(key) for key in keys]
     started = time.perf_counter()
+    finished = FinishedClasses(out, search_key(stores, keys, folds_of_images, {
+        "strategy": strategy, "step": step, "method": method, "cv": cv, "postprocess": postprocess,
+        "root": str(Path(root).resolve())}))
+    results = list(finished.load().values())
+    done = {result.channel for result in results}
     tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
-             for channel in range(NUM_CLASSES))
-    results = []
+             for channel in range(NUM_CLASSES) if channel not in done)
     with parallel_backend(backend, scheduler), progress_bar("class", disable=not progress) as bar:
-        task = bar.add_task(f"search ({strategy}, {len(keys)} images)", total=NUM_CLASSES)
+        resumed = f", {len(done)} resumed" if done else ""
+        task = bar.add_task(f"search ({strategy}, {len(keys)} images{resumed})", total=NUM_CLASSES, completed=len(done))
         for result in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
+            finished.save(result)
             results.append(result)
             bar.update(task, advance=1)
     report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel))
@@ -103,6 +111,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                 "seconds": round(time.perf_counter() - started, 3),
                 "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
     save_recipe(build_recipe(report, stores, settings), out)
+    finished.clear()
     report.recipe_path = str(out)
     return report
 
