@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from segens.dataset import ImageRecord, discover, read_record_mask  # noqa: E402
 from segens.members.store import create_store, open_store  # noqa: E402
 from segens.synth import generate  # noqa: E402
 
-DEFAULT_WORKDIR = Path("/tmp/segens-bench")
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "segens-bench"  # $TMPDIR or the system default
 CACHE_VERSION = 1
 CUT = 0.03  # probabilities below this are written as 0, as predict-member's outputs are
 

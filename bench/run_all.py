@@ -8,7 +8,7 @@ The children's own output is passed through, prefixed with the benchmark's name.
 
     .venv/bin/python bench/run_all.py            # full: under 10 minutes on 2 cores once stores are cached
     .venv/bin/python bench/run_all.py --quick    # fewer images and repeats
-    .venv/bin/python bench/run_all.py --only combine search --workdir /tmp/segens-bench
+    .venv/bin/python bench/run_all.py --only combine search --workdir DIR
 
 Columns: this project and the straightforward baseline (seconds, bytes or MiB), ratio = baseline / ours,
 peak RSS of the benchmark's process (ours and its baseline together; bench_combine's memory rows measure each

@@ -4,6 +4,11 @@ estimate where overfitting is built in, and the recipe's round trip into ens com
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens.classes import NUM_CLASSES
+from segens.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
 from segens.dice import dice_from_counts
@@ -19,6 +24,7 @@ from segens.ensemble.combine import combine, normalise_weights
 from segens.ensemble.evaluate import evaluate_submission
 from segens.ensemble.evidence import class_truth, extract_class, hard_dice, threshold_grid
 from segens.ensemble.search import WeightedSearch, _best, base_candidates, make_subsets
+from segens.ensemble.search_resume import FinishedClasses, partial_root
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
 from segens.members.store import create_store, open_store
@@ -229,14 +235,6 @@ def _without_time(recipe_path: Path) -> dict:
 def test_killed_search_resumes_from_its_finished_classes(project: Path, tmp_path: Path) -> None:
     """SIGKILL a search once it has finished a class; the rerun loads the finished classes (one is marked to
     prove it) and searches only the rest, giving the uninterrupted run's recipe."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from segens.ensemble.search_resume import FinishedClasses, partial_root
-
     stores = [str(path) for path in sorted(project.glob("*.oof.zarr"))]
     arguments = (stores, project / "data", project / "folds.json")
     search_weights(*arguments, tmp_path / "clean.json", cv=True, progress=False)
@@ -260,8 +258,6 @@ def test_killed_search_resumes_from_its_finished_classes(project: Path, tmp_path
 
     search_weights(*arguments, killed, cv=True, progress=False)
     resumed, clean = _without_time(killed), _without_time(tmp_path / "clean.json")
-    from segens.classes import CLASSES
-
     assert resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] == 0.123456  # loaded, not searched again
     resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] = clean["oof_dice"]["per_class"][CLASSES[marked.channel]]
     resumed["oof_dice"].pop("summary"), clean["oof_dice"].pop("summary")

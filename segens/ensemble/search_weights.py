@@ -60,7 +60,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                    backend: str = "local", scheduler: str | None = None,
                    storage_options: dict | None = None) -> SearchReport:
     """Search every class, write ``out`` (recipe.json), return the report. Each finished class is kept beside
-``out`` until the recipe is written, so a killed search run again with the same inputs resumes.
+    ``out`` until the recipe is written, so a killed search run again with the same inputs resumes.
 
     Classes are searched by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
     scheduler at ``scheduler``, which read the stores (shared file system, or URLs such as s3://bucket/m.oof.zarr
@@ -91,9 +91,10 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         folds = load_folds(folds_path, root=root)
         folds_of_images = [folds.fold_of(key) for key in keys]
     started = time.perf_counter()
-    finished = FinishedClasses(out, search_key(stores, keys, folds_of_images, {
-        "strategy": strategy, "step": step, "method": method, "cv": cv, "postprocess": postprocess,
-        "root": str(Path(root).resolve())}))
+    settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
+                "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None}
+    finished = FinishedClasses(out, search_key(stores, keys, folds_of_images,
+                                               {**settings, "strategy": strategy, "root": str(Path(root).resolve())}))
     results = list(finished.load().values())
     done = {result.channel for result in results}
     tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
@@ -106,10 +107,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
             results.append(result)
             bar.update(task, advance=1)
     report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel))
-    settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
-                "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None,
-                "seconds": round(time.perf_counter() - started, 3),
-                "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
+    settings |= {"seconds": round(time.perf_counter() - started, 3),
+                 "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
     save_recipe(build_recipe(report, stores, settings), out)
     finished.clear()
     report.recipe_path = str(out)
