@@ -1,0 +1,140 @@
+"""Bounded, validated reading of the files segens is given: every JSON, YAML and text file goes through here.
+
+A file is read only if it is at most ``max_bytes`` long, decodes as UTF-8 (a leading BOM, as Excel writes it, is
+accepted), nests at most ``MAX_DEPTH`` levels and expands to at most ``MAX_NODES`` values (YAML aliases are
+counted every time they are used, so a "billion laughs" document is refused before anything is built from it).
+Documents are then validated against a pydantic model with ``validate``; every failure is a SegensError naming
+the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from segens.errors import SegensError
+
+MAX_BYTES = 64 << 20
+"""Largest JSON or YAML document read (64 MiB): folds.json of 10^5 images is a few MB."""
+MAX_DEPTH = 64
+MAX_NODES = 2_000_000
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""Member and other names that become file and folder names: no separators, no '..', no leading dot."""
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+def read_text(path: str | Path, what: str, max_bytes: int = MAX_BYTES) -> str:
+    """A UTF-8 text file (BOM stripped) of at most ``max_bytes``; a SegensError naming ``what`` otherwise."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SegensError(f"{path}: {what} is {size:,} bytes, more than the {max_bytes:,} segens reads; "
+                              "is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SegensError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    return decode_utf8(data, path, what)
+
+
+def decode_utf8(data: bytes, path: str | Path, what: str) -> str:
+    """Bytes -> str as UTF-8 with an optional BOM; the byte offset of the first bad byte in the error."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SegensError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from None
+
+
+def load_json(path: str | Path, what: str, max_bytes: int = MAX_BYTES) -> Any:
+    """A bounded JSON document (see the module docstring)."""
+    text = read_text(path, what, max_bytes)
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise SegensError(f"{path}: {what} nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise SegensError(f"{path}: {what} is not valid JSON ({exc})") from None
+    check_bounds(document, path, what)
+    return document
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a limit on nesting while composing (deep documents never reach Python's stack)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep()
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def load_yaml(path: str | Path, what: str, max_bytes: int = MAX_BYTES) -> Any:
+    """A bounded YAML document (safe loader: no Python objects; see the module docstring)."""
+    text = read_text(path, what, max_bytes)
+    return parse_yaml(text, path, what)
+
+
+def parse_yaml(text: str, path: str | Path, what: str) -> Any:
+    """Parse YAML text with the bounds of ``load_yaml``; ``path`` only names the source in errors."""
+    try:
+        document = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except (_TooDeep, RecursionError):
+        raise SegensError(f"{path}: {what} nests deeper than {MAX_DEPTH} levels") from None
+    except yaml.YAMLError as exc:
+        raise SegensError(f"{path}: {what} is not valid YAML ({exc})") from None
+    check_bounds(document, path, what)
+    return document
+
+
+def check_bounds(document: Any, path: str | Path, what: str) -> None:
+    """Refuse a parsed document deeper than MAX_DEPTH or with more than MAX_NODES values once expanded (shared
+    objects, as YAML aliases make them, are counted at every use)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise SegensError(f"{path}: {what} expands to more than {MAX_NODES:,} values (YAML aliases?); refused")
+        if depth > MAX_DEPTH:
+            raise SegensError(f"{path}: {what} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def check_name(name: Any, what: str, where: str | Path) -> str:
+    """A name that becomes part of a path (member names): letters, digits, '.', '_', '+', '-', at most 128, not
+    starting with '.' or '-' and never '..'."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise SegensError(f"{where}: {what} {name!r} is not a safe name: use letters, digits, '.', '_', '+', '-' "
+                          "(at most 128, starting with a letter or digit, no '..')")
+    return name
+
+
+def validate(model: type[Model], document: Any, where: str | Path) -> Model:
+    """``document`` checked against a pydantic model; the first errors named by field path in a SegensError."""
+    try:
+        return model.model_validate(document)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            location = ".".join(str(part) for part in error["loc"]) or "(document)"
+            problems.append(f"{location}: {error['msg']}")
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise SegensError(f"{where}: {'; '.join(problems)}{more}") from None
