@@ -1,22 +1,92 @@
-"""Atomic file writes: a killed process never leaves a half-written file under the final name."""
+"""Atomic file writes: a killed process never leaves a half-written file under the final name.
+
+The data goes to ``.<name>.<pid>.<random>.part`` beside the target and is renamed over it once complete. A new
+file gets the mode the umask gives (``0o666 & ~umask``), a replaced file keeps its mode. Temporary files of this
+pattern left by a writer that is no longer alive (killed, say) are removed by the next write of the same target;
+a live writer's are never touched (the PID check assumes writers of one target run on one machine).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.part")
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary path beside ``path`` that embeds this process's PID."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove ``.<name>.<pid>.<random>.part`` files beside ``path`` whose writing process is gone; the removed
+    paths are returned. Anything else, a live writer's temporary included, is left alone."""
+    path = Path(path)
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob_escape(path.name)}.*.part"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = _TEMPORARY.fullmatch(candidate.name)
+        if match is None or match["name"] != path.name or _alive(int(match["pid"])):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:  # another writer cleaned it up meanwhile
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _file_mode(path: Path) -> int | None:
+    """The permission bits of an existing regular file at ``path`` (None where there is none)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else None
+
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path`` (mode: the
+    replaced file's, else what the umask gives). On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    remove_stale_temporaries(path)
+    kept_mode = _file_mode(path)
+    temporary = temporary_name(path)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
+        if kept_mode is not None:
+            os.fchmod(descriptor, kept_mode)  # exactly the old mode, whatever the umask says
         with os.fdopen(descriptor, mode, encoding=None if "b" in mode else encoding,
                        newline=None if "b" in mode else "") as handle:
             yield handle
@@ -24,7 +94,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -32,3 +102,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path) as handle:
         handle.write(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)

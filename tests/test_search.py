@@ -243,7 +243,7 @@ def test_killed_search_resumes_from_its_finished_classes(project: Path, tmp_path
               f"search_weights({stores!r}, {str(project / 'data')!r}, {str(project / 'folds.json')!r}, "
               f"{str(killed)!r}, cv=True, progress=False)")
     process = subprocess.Popen([sys.executable, "-c", script])
-    while process.poll() is None and not list(partial_root(killed).glob("*/class-*.pkl")):
+    while process.poll() is None and not list(partial_root(killed).glob("*/class-*.json")):
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

@@ -23,6 +23,7 @@ def combine(
     allow_missing: Annotated[bool, typer.Option(help="Drop a member for the images its store lacks (weights renormalised), with a count.")] = False,
     force: Annotated[bool, typer.Option(help="Combine even if the recipe's members or checkpoints differ from the stores'.")] = False,
     masks_out: Annotated[str | None, typer.Option(help="Also write the binary masks as a store (for `ens show`, `ens evaluate`).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out or --masks-out (never one of the inputs).")] = False,
     jobs: Annotated[int, typer.Option(help="Images combined in parallel (joblib processes).")] = 1,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
@@ -50,7 +51,7 @@ def combine(
     summary = run(stores, out, strategy=strategy, recipe_path=recipe, weights=parse_weights(weights),
                   threshold=threshold, min_votes=min_votes, allow_missing=allow_missing, force=force,
                   masks_out=masks_out, jobs=jobs, backend=backend, scheduler=scheduler,
-                  storage_options=parse_storage_options(storage_options))
+                  storage_options=parse_storage_options(storage_options), overwrite=overwrite)
     for member, count in summary.missing.items():
         console.print(f"[yellow]warning:[/] member {member} was missing for {count} image(s) and was dropped there")
     output.print(f"{summary.out}: {summary.rows} rows for {summary.images} images, {summary.seconds:.1f} s")
@@ -70,6 +71,7 @@ def search_weights(
     jobs: Annotated[int, typer.Option(help="Classes searched in parallel.")] = 1,
     report_csv: Annotated[Path | None, typer.Option(help="Write the per-class table as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: weights heatmap and Dice gain per class.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out, --report-csv or --plot.")] = False,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
     storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, envvar=STORAGE_OPTIONS_ENV)] = None,
@@ -93,9 +95,12 @@ def search_weights(
     from segens.ensemble.search_weights import report_rows
     from segens.ensemble.search_weights import search_weights as run
 
+    from segens.outputs import Output
+
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
                  postprocess=postprocess, backend=backend, scheduler=scheduler,
-                 storage_options=parse_storage_options(storage_options))
+                 storage_options=parse_storage_options(storage_options), overwrite=overwrite,
+                 also_written=[Output(report_csv, option="--report-csv"), Output(plot, option="--plot")])
     rows = report_rows(report)
     table = Table(title=f"OOF Dice per class ({strategy}); recipe written to {out}")
     for column in rows[0]:

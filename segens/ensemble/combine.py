@@ -32,6 +32,7 @@ from segens.ensemble.postprocess import apply_postprocessing
 from segens.ensemble.recipe import STRATEGIES, Recipe, load_recipe
 from segens.errors import SegensError
 from segens.members.store import ProbabilityStore, create_store, open_store
+from segens.outputs import Output, check_outputs
 from segens.progress import progress_bar
 from segens.rle import BBox, encode_box
 from segens.submission import image_rows, write_submission
@@ -245,8 +246,9 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
             weights: dict[str, float] | None = None, threshold: float | None = None, min_votes: float | None = None,
             allow_missing: bool = False, force: bool = False, masks_out: str | Path | None = None, jobs: int = 1,
             progress: bool = True, backend: str = "local", scheduler: str | None = None,
-            storage_options: dict | None = None) -> CombineSummary:
+            storage_options: dict | None = None, overwrite: bool = False) -> CombineSummary:
     """Combine stores into a submission CSV, written atomically; every check runs before anything is written.
+    An existing ``out`` or ``masks_out`` is replaced only with ``overwrite``; one of the inputs never is.
 
     Images are combined by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
     scheduler at ``scheduler``, which read the stores themselves (shared file system, or URLs such as
@@ -256,6 +258,8 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
     check_backend(backend, scheduler)
     if not store_urls:
         raise SegensError("give at least one store")
+    check_outputs([Output(out, "file", "--out"), Output(masks_out, "store", "--masks-out")],
+                  inputs=[*store_urls, recipe_path], overwrite=overwrite)
     locations = [shared_location(url, backend) for url in store_urls]
     stores = [open_store(location, store_options(location, storage_options)) for location in locations]
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
@@ -270,7 +274,7 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
         if masks_out is not None:
             masks_location = shared_location(masks_out, backend)
             mask_store = create_store(masks_location, "ensemble", "combined", stores[0].split,
-                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=True,
+                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=overwrite,
                                       storage_options=store_options(masks_location, storage_options))
         tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store)
                  for index, key in enumerate(keys))

@@ -1,28 +1,36 @@
 """Resuming ``ens search-weights``: each finished class is kept beside the recipe, so a killed search loses at
 most the classes in progress.
 
-Finished classes live in ``.<recipe name>.partial/<key>/class-NN.pkl`` next to the recipe. The key is a sha256
+Finished classes live in ``.<recipe name>.partial/<key>/class-NN.json`` next to the recipe. The key is a sha256
 of everything the result depends on (the stores' URLs and attributes, which hold their checkpoints and spec,
 the image keys, the folds, the search settings), so a changed input never reuses a stale class. The folder is
-removed once the recipe is written. The pickles are written by this code, atomically, beside the user's own
-recipe; they are not a format to share.
+removed once the recipe is written. The files are plain JSON (floats written with Python's exact repr, so a
+resumed search gives the same recipe), validated when read: whoever can write beside the recipe can at most make
+a class be searched again (an unreadable or invalid file) or report wrong numbers, never run code. Files of
+other formats there (the pickles of older segens versions) are ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from segens.atomic import atomic_write
-from segens.ensemble.search import ClassResult
-from segens.members.store import ProbabilityStore
+import numpy as np
+import pydantic
 
-FORMAT = 1  # bump when ClassResult or the search changes what it returns
+from segens.atomic import atomic_write_text
+from segens.classes import NUM_CLASSES
+from segens.ensemble.search import ClassResult, Choice
+from segens.errors import SegensError
+from segens.members.store import ProbabilityStore
+from segens.safeload import load_json, validate
+
+FORMAT = 2  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles)
+MAX_CLASS_FILE_BYTES = 4 << 20
 
 
 def partial_root(out: str | Path) -> Path:
@@ -48,23 +56,83 @@ class FinishedClasses:
         self.folder = self.root / key[:32]
 
     def load(self) -> dict[int, ClassResult]:
-        """Channel -> result for every class a previous run of the same search finished (unreadable ones are
-        searched again)."""
+        """Channel -> result for every class a previous run of the same search finished (unreadable or invalid
+        files are searched again; nothing in them is ever executed)."""
         finished = {}
-        for path in sorted(self.folder.glob("class-*.pkl")):
+        for path in sorted(self.folder.glob("class-*.json")):
             try:
-                with path.open("rb") as handle:
-                    result = pickle.load(handle)
-            except Exception:  # a file from another version of segens: search that class again
+                result = result_from_json(load_json(path, "search resume file", MAX_CLASS_FILE_BYTES), path)
+            except SegensError:
                 continue
-            if isinstance(result, ClassResult):
+            if path.name == _file_name(result.channel):
                 finished[result.channel] = result
         return finished
 
     def save(self, result: ClassResult) -> None:
-        with atomic_write(self.folder / f"class-{result.channel:02d}.pkl", "wb") as handle:
-            pickle.dump(result, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write_text(self.folder / _file_name(result.channel), json.dumps(result_to_json(result)) + "\n")
 
     def clear(self) -> None:
         """Remove every unfinished search's classes for this recipe path (the recipe now holds the result)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _file_name(channel: int) -> str:
+    return f"class-{channel:02d}.json"
+
+
+class _ChoiceDocument(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    weights: list[float] = pydantic.Field(min_length=1)
+    threshold: int = pydantic.Field(ge=0, le=254)
+    member_thresholds: list[int] | None = None
+    min_votes: int | None = None
+    score: float
+
+
+class _ClassDocument(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    format: int
+    channel: int = pydantic.Field(ge=0, lt=NUM_CLASSES)
+    recipe_choice: _ChoiceDocument
+    postprocess: list[str]
+    oof_dice: float
+    member_dice: list[float]
+    mean_dice: float
+    ambiguous_pixels: int = pydantic.Field(ge=0)
+    evaluations: int = pydantic.Field(ge=0)
+    cv: list[dict[str, float]]
+
+
+def result_to_json(result: ClassResult) -> dict[str, Any]:
+    """A ClassResult as a JSON-ready dict of plain numbers, lists and strings."""
+    choice = result.recipe_choice
+    return {
+        "format": FORMAT, "channel": int(result.channel),
+        "recipe_choice": {"weights": [float(w) for w in choice.weights], "threshold": int(choice.threshold),
+                          "member_thresholds": None if choice.member_thresholds is None
+                          else [int(i) for i in choice.member_thresholds],
+                          "min_votes": None if choice.min_votes is None else int(choice.min_votes),
+                          "score": float(choice.score)},
+        "postprocess": [str(step) for step in result.postprocess], "oof_dice": float(result.oof_dice),
+        "member_dice": [float(d) for d in result.member_dice], "mean_dice": float(result.mean_dice),
+        "ambiguous_pixels": int(result.ambiguous_pixels), "evaluations": int(result.evaluations),
+        "cv": [{str(k): float(v) for k, v in fold.items()} for fold in result.cv],
+    }
+
+
+def result_from_json(document: Any, path: Path) -> ClassResult:
+    """A ClassResult from ``result_to_json``'s dict; a SegensError naming ``path`` if it is not one."""
+    checked = validate(_ClassDocument, document, path)
+    if checked.format != FORMAT:
+        raise SegensError(f"{path}: search resume format {checked.format}, this segens writes {FORMAT}")
+    choice = checked.recipe_choice
+    return ClassResult(
+        channel=checked.channel,
+        recipe_choice=Choice(np.asarray(choice.weights, dtype=np.float64), choice.threshold,
+                             None if choice.member_thresholds is None else np.asarray(choice.member_thresholds, np.int64),
+                             choice.min_votes, choice.score),
+        postprocess=list(checked.postprocess), oof_dice=checked.oof_dice, member_dice=list(checked.member_dice),
+        mean_dice=checked.mean_dice, ambiguous_pixels=checked.ambiguous_pixels, evaluations=checked.evaluations,
+        cv=[dict(fold) for fold in checked.cv])

@@ -21,6 +21,7 @@ from segens.ensemble.search_resume import FinishedClasses, search_key
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.store import ProbabilityStore, open_store
+from segens.outputs import Output, check_outputs
 from segens.progress import progress_bar
 
 METHODS = ("grid", "caruana")
@@ -58,15 +59,21 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                    out: str | Path, strategy: str = "weighted", step: float = 0.1, method: str = "grid",
                    cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
                    backend: str = "local", scheduler: str | None = None,
-                   storage_options: dict | None = None) -> SearchReport:
+                   storage_options: dict | None = None, overwrite: bool = False,
+                   also_written: Sequence[Output] = ()) -> SearchReport:
     """Search every class, write ``out`` (recipe.json), return the report. Each finished class is kept beside
     ``out`` until the recipe is written, so a killed search run again with the same inputs resumes.
+
+    ``out`` and ``also_written`` (the caller's report files) are checked before any work: an existing file is
+    replaced only with ``overwrite``, an input never.
 
     Classes are searched by ``jobs`` local processes, or with ``backend="dask"`` by the workers of the Dask
     scheduler at ``scheduler``, which read the stores (shared file system, or URLs such as s3://bucket/m.oof.zarr
     opened with ``storage_options``) and the labels under ``root`` (the same path on every machine) themselves.
     """
     check_backend(backend, scheduler)
+    check_outputs([Output(out, "file", "--out"), *also_written], inputs=[*store_urls, folds_path, root],
+                  overwrite=overwrite)
     if strategy not in ("soft", "weighted", "hard"):
         raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
     if method not in METHODS:
