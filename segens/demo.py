@@ -114,7 +114,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
             console.print(f"training {name} on {config.k} folds", highlight=False)
-            train_member(path, root, out / "folds.json", fold="all", device=device)
+            train_member(path, root, out / "folds.json", fold="all", device=device,
+                         trust_pickle=True)  # resumes only the demo's own earlier run
     _step(result, "train members", 3, total, train_step)
 
     def predict_step() -> None:
@@ -130,17 +131,17 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu")
 
     def search_step():
         return search_weights(oof, root, out / "folds.json", out / "recipe.json", strategy="weighted",
-                              step=config.step, cv=True, jobs=2)  # classes on both cores
+                              step=config.step, cv=True, jobs=2, overwrite=True)  # classes on both cores
     report = _step(result, "search weights (with CV)", 5, total, search_step)
     result.cv = {key: value for key, value in report.summary().items() if key.startswith("cv_")}
     result.verdict = report.verdict()
 
     def combine_step() -> None:
-        combine(test, out / "submission_soft.csv", "soft")
-        combine(test, out / "submission_weighted.csv", "weighted", recipe_path=out / "recipe.json")
-        combine(test, out / "submission_hard.csv", "hard")
+        combine(test, out / "submission_soft.csv", "soft", overwrite=True)  # a rerun replaces its own CSVs
+        combine(test, out / "submission_weighted.csv", "weighted", recipe_path=out / "recipe.json", overwrite=True)
+        combine(test, out / "submission_hard.csv", "hard", overwrite=True)
         for name, store in zip(specs, test):
-            combine([store], out / f"member_{name}.csv", "soft")
+            combine([store], out / f"member_{name}.csv", "soft", overwrite=True)
     _step(result, "combine (soft, weighted, hard)", 6, total, combine_step)
 
     def evaluate_step() -> dict[str, list[float]]:

@@ -100,7 +100,8 @@ def _check_against_inputs(output: Output, local: Path, inputs: list[tuple[str, P
                               "destroy it: write to another path")
         if _inside(target, source) and (source.is_file() or is_store(source)):
             raise SegensError(f"{output.path}: {output.option} lies inside the input {text}; write to another path")
-        if output.kind != "file" and _inside(source, target):
+        replaceable = output.kind == "store" or (output.kind == "folder" and not output.resumable)
+        if replaceable and _inside(source, target):
             raise SegensError(f"{output.path}: {output.option} holds the input {text}; replacing it would delete "
                               "that input: write to another path")
 

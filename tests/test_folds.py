@@ -246,6 +246,8 @@ def test_cli_make_and_show(root12: Path, tmp_path: Path) -> None:
     assert [cell.strip() for cell in totals[0]][:3] == ["all", "24", "12"]
 
     result = runner.invoke(app, ["folds", "make", str(root12), "--k", "2", "--out", str(out)])
+    assert isinstance(result.exception, SegensError) and "pass --overwrite" in str(result.exception)
+    result = runner.invoke(app, ["folds", "make", str(root12), "--k", "2", "--out", str(out), "--overwrite"])
     assert result.exit_code == 0 and "grouped by patient" in result.output
     result = runner.invoke(app, ["folds", "make", str(root12), "--k", "30", "--out", str(out)])
     assert isinstance(result.exception, SegensError)

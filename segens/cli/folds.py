@@ -37,6 +37,7 @@ def make(
     metadata: Annotated[
         Path | None, typer.Option(help="Metadata file for --stratify (default: ROOT/meta_data.xlsx).")
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Split the training images into k folds; both hands of a patient always share a fold.
 
@@ -47,7 +48,9 @@ def make(
     Example: `ens folds make data/ --k 5 --out folds.json --stratify bmi --seed 0`
     """
     from segens.folds.splits import make_folds, save_folds
+    from segens.outputs import Output, check_outputs
 
+    check_outputs([Output(out)], inputs=[root, metadata], overwrite=overwrite)
     folds, notes = make_folds(root, k=k, stratify=stratify, seed=seed, metadata=metadata)
     save_folds(folds, out)
     output.print(f"wrote {out}: {_describe(folds)}", soft_wrap=True)

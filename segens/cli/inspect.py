@@ -23,6 +23,7 @@ def evaluate(
     threshold: Annotated[float, typer.Option(help="Stores: keep a pixel where p > threshold (p = v / 255 in float32, as `ens combine`).")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per PRED, one per line, instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG of per-class Dice bars, the PREDs side by side.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot.")] = False,
 ) -> None:
     """Score predictions with the competition's Dice: per image and class at the image's own size, mean over
     images, then over classes.
@@ -33,7 +34,9 @@ def evaluate(
     Example: `ens evaluate stores/vgg.oof.zarr stores/hrnet.oof.zarr --data data/ --plot dice.png`
     """
     from segens.ensemble.evaluate import evaluate_predictions
+    from segens.outputs import Output, check_outputs
 
+    check_outputs([Output(plot, option="--plot")], inputs=[*preds, data], overwrite=overwrite)
     evaluations = evaluate_predictions(preds, data, split, threshold, progress=not as_json and console.is_terminal)
     if plot is not None:
         from segens.ensemble.plots import plot_dice_bars
@@ -71,6 +74,7 @@ def show(
     classes: Annotated[str | None, typer.Option(help="Comma-separated classes, one panel each, cropped to the class, e.g. Capitate,Hamate.")] = None,
     error: Annotated[str | None, typer.Option(help="One class: each PRED's false positives, false negatives and (faint) true positives, Dice in the title.")] = None,
     threshold: Annotated[float, typer.Option(help="Stores: keep a pixel where p > threshold.")] = 0.5,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Draw one X-ray with ground-truth outlines (solid) and predicted outlines (dashed), a colour per class.
 
@@ -80,7 +84,9 @@ def show(
     Example: `ens show ID001/image1661130828152 --data data/ --pred submission.csv --error Capitate --out capitate.png`
     """
     from segens.ensemble.overlay import draw_overlay
+    from segens.outputs import Output, check_outputs
 
+    check_outputs([Output(out)], inputs=[*(pred or []), data], overwrite=overwrite)
     names = classes.split(",") if classes else None
     written = draw_overlay(image, data, pred or [], out, classes=names, error=error, threshold=threshold)
     output.print(f"wrote {written}")

@@ -21,6 +21,7 @@ def train_member(
     jobs: Annotated[int, typer.Option(help="Folds trained side by side (each holds its own model in memory).")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "cpu",
     checkpoints: Annotated[Path | None, typer.Option(help="Folder for checkpoints (default: a folder named after the member, beside the spec).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow resuming from pickled state (YOLO's last.pt, an older segens' last.pt): runs code from the file.")] = False,
 ) -> None:
     """Train a member's checkpoint for each requested fold on the other folds, validating on the held-out one.
 
@@ -32,7 +33,8 @@ def train_member(
     """
     from segens.folds.train import train_member as run
 
-    summaries = run(spec, data, folds, fold=fold, device=device, jobs=jobs, checkpoints_dir=checkpoints)
+    summaries = run(spec, data, folds, fold=fold, device=device, jobs=jobs, checkpoints_dir=checkpoints,
+                    trust_pickle=trust_pickle)
     table = Table(title=f"{spec}: trained folds")
     for column in ("fold", "train images", "val images", "epochs", "best val Dice", "checkpoint"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")

@@ -14,6 +14,7 @@ from segens.folds.splits import load_folds
 from segens.members.base import FoldResult
 from segens.members.registry import factory
 from segens.members.spec import load_spec, save_spec
+from segens.outputs import Output, check_outputs
 
 
 @dataclass
@@ -43,25 +44,27 @@ def parse_fold_choice(choice: str, k: int) -> list[int]:
 
 
 def _train_one(spec_path: Path, root: Path, folds_path: Path, number: int, device: str, base: Path,
-               progress: bool) -> tuple[int, FoldResult, int, int]:
+               progress: bool, trust_pickle: bool = False) -> tuple[int, FoldResult, int, int]:
     """Train one fold in this process (a joblib worker when --jobs > 1)."""
     spec = load_spec(spec_path)
     folds = load_folds(folds_path)
     records = discover(root, "train").by_key()
     train = [records[key] for key in folds.train_keys(number)]
     val = [records[key] for key in folds.keys_in(number)]
-    member = factory(spec.kind)(spec, device=device)
+    member = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
     return number, member.train_fold(number, train, val, base / f"fold{number}", progress=progress), len(train), len(val)
 
 
 def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path, fold: str = "all",
                  device: str = "cpu", jobs: int = 1, checkpoints_dir: str | Path | None = None,
-                 progress: bool = True) -> list[FoldSummary]:
+                 progress: bool = True, trust_pickle: bool = False) -> list[FoldSummary]:
     """Train the requested folds (one after another, or ``jobs`` side by side); the spec is rewritten
     atomically, by this process only, as each fold finishes.
 
     The spec and the folds file are checked against the data root before any training starts. Checkpoints go
-    to ``checkpoints_dir`` (default: ``<spec folder>/<member name>/``), one sub-folder per fold.
+    to ``checkpoints_dir`` (default: ``<spec folder>/<member name>/``), one sub-folder per fold; an interrupted
+    fold there resumes. Resume state that needs a full unpickler (YOLO's, an older segens' last.pt) is loaded
+    only with ``trust_pickle``.
     """
     spec_path, root, folds_path = Path(spec_path), Path(root), Path(folds_path)
     spec = load_spec(spec_path)
@@ -69,8 +72,9 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
     chosen = parse_fold_choice(fold, folds.k)
     factory(spec.kind)(spec, device=device)  # validates the spec's kind-specific fields up front
     base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
-    tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1)
-             for number in chosen)
+    check_outputs([Output(base, "folder", "--checkpoints", resumable=True)], inputs=[spec_path, root, folds_path])
+    tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1,
+                                 trust_pickle) for number in chosen)
     summaries = []
     for number, result, train_count, val_count in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
         spec = load_spec(spec_path)

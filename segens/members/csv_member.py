@@ -2,11 +2,15 @@
 images by (image_name, class), never by row position. This is how users vote over CSVs they already have.
 
 Spec: ``model: {oof: team_a_oof.csv, test: team_a_test.csv}`` (paths relative to the spec's folder); either
-may be left out if that split is not needed. The CSV files play the role of checkpoints (path and sha256).
+may be left out if that split is not needed. The member's one "checkpoint" (fold 0) is its identity: a sha256 of
+its name and of the content of every CSV the spec names, the same for its oof and test stores, so a recipe
+searched on the oof store applies to the test store, and any changed CSV is a changed member.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from segens.rle import decode_stack
 from segens.submission import Submission, read_submission
 
 SPLIT_FIELDS = ("oof", "test")
+IDENTITY_FORMAT = "segens-csv-member/1"
 
 
 @register("csv")
@@ -50,10 +55,24 @@ class CsvMember:
             raise SegensError(f"{path}: CSV of member {self.spec.name!r} ({split}) not found")
         return path
 
+    def identity(self) -> str:
+        """sha256 (hex) of the member's name and the sha256 of each CSV its spec names, by split: the same for
+        every split, different as soon as any of its CSVs changes."""
+        csvs = {}
+        for split in SPLIT_FIELDS:
+            if split in self.spec.model:
+                try:
+                    csvs[split] = sha256_of(self.csv_path(split))
+                except SegensError as exc:
+                    raise SegensError(f"{exc}; a csv member's identity covers every CSV its spec names, so that a "
+                                      "recipe searched on its oof store applies to its test store: add the file, "
+                                      f"or remove model.{split} from the spec") from None
+        document = {"format": IDENTITY_FORMAT, "name": self.spec.name, "csv_sha256": csvs}
+        return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
     def checkpoints_for(self, split: str) -> dict[int, dict[str, str]]:
-        """The CSV file of the split as the store's only 'checkpoint' (fold 0: path and sha256)."""
-        path = self.csv_path(split)
-        return {0: {"path": str(path), "sha256": sha256_of(path)}}
+        """The store's only 'checkpoint' (fold 0): this split's CSV path and the member's identity as sha256."""
+        return {0: {"path": str(self.csv_path(split)), "sha256": self.identity()}}
 
     def check_images(self, split: str, records: Sequence[ImageRecord]) -> None:
         """Every CSV image must be one of ``records`` (a CSV of another split or data set is an error)."""

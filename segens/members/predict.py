@@ -24,6 +24,7 @@ from segens.folds.splits import load_folds
 from segens.members.registry import factory
 from segens.members.spec import MemberSpec, load_spec, sha256_of
 from segens.members.store import ProbabilityStore, create_store, quantize
+from segens.outputs import Output, check_outputs
 from segens.progress import progress_bar
 
 CHUNKS_PER_WORKER = 4
@@ -117,6 +118,8 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     check_backend(backend, scheduler)
     if jobs < 1:
         raise SegensError(f"--jobs must be >= 1, got {jobs}")
+    check_outputs([Output(out, "store", "--out", resumable=True)], inputs=[spec_path, root, folds_path],
+                  overwrite=overwrite)
     spec = load_spec(spec_path)
     member = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
     if backend == "dask":

@@ -13,7 +13,6 @@ segens-smp``); a directory saved with smp's ``save_pretrained`` loads too, a who
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import TextColumn
 
+from segens.atomic import atomic_write, atomic_write_text
 from segens.classes import NUM_CLASSES
 from segens.dataset import ImageRecord, read_image, read_record_mask
 from segens.dice import DiceTable, dice_per_class
@@ -92,9 +92,29 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.part")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def load_resume_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
+    """A fold's last.pt with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts: nothing in
+    it can run code); only with ``trust_pickle`` a file that needs a full unpickler (an older segens wrote some)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if "Weights only load failed" not in str(exc):
+            raise SegensError(f"{path}: cannot read this fold's resume state ({type(exc).__name__}); delete it to "
+                              "train the fold from its first epoch") from None
+        if not trust_pickle:
+            raise SegensError(f"{path}: resume state holds pickled objects; loading it runs code stored in the file. "
+                              "Pass --trust-pickle if you wrote it (an older segens did), or delete it to train the "
+                              "fold from its first epoch") from None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    needed = ("model", "optimizer", "rng", "epoch", "history", "best_dice")
+    if not isinstance(saved, dict) or any(key not in saved for key in needed):
+        raise SegensError(f"{path}: not a segens resume state (needs {', '.join(needed)}); delete it to train the "
+                          "fold from its first epoch")
+    return saved
 
 
 @register("smp")
@@ -241,7 +261,7 @@ class SmpMember:
         loss_fn = WeightedLoss(settings.get("loss"), self.where)
         state = {"epoch": 0, "history": [], "best_dice": -1.0}
         if last_path.exists():
-            saved = torch.load(last_path, map_location="cpu", weights_only=False)
+            saved = load_resume_state(last_path, self.trust_pickle)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             if scheduler is not None and saved.get("scheduler"):
@@ -258,7 +278,7 @@ class SmpMember:
         )
         for epoch in range(state["epoch"] + 1, epochs + 1):
             loss = self._train_epoch(model, loader, optimizer, loss_fn, f"fold {fold} epoch {epoch}/{epochs}", progress)
-            val_dice = self.validate(model, val)
+            val_dice = float(self.validate(model, val))  # a plain float: last.pt loads with weights_only=True
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val_dice)
             elif scheduler is not None:
@@ -273,7 +293,7 @@ class SmpMember:
             _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
                           "rng": torch.get_rng_state(), **state}, last_path)
-            (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+            atomic_write_text(out_dir / "history.json", json.dumps(state["history"], indent=1))
             console.print(f"{self.spec.name} fold {fold}: epoch {epoch}/{epochs}  loss {loss:.4f}  "
                           f"val Dice {val_dice:.4f}{'  (best)' if improved else ''}", markup=False)
         return FoldResult(Checkpoint(best_path, sha256_of(best_path), state["best_dice"]), state["history"])

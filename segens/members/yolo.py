@@ -173,7 +173,8 @@ def read_history(results_csv: str | Path) -> list[dict]:
 
 def checkpoint_state(last: Path) -> str:
     """``"missing"``, ``"resumable"`` (epoch and optimizer state kept) or ``"finished"`` (ultralytics strips the
-    optimizer from last.pt when a run ends, early stop included)."""
+    optimizer from last.pt when a run ends, early stop included). Unpickles ``last``: call it only for a trusted
+    file."""
     if not last.is_file():
         return "missing"
     try:
@@ -230,6 +231,10 @@ class YoloMember:
         done = self._finished_result(out_dir, best, val)
         if done is not None:
             return done
+        if last.exists() and not self.trust_pickle:
+            raise SegensError(f"{last}: resuming a YOLO fold loads ultralytics' pickled state, which runs code stored "
+                              "in the file. Pass --trust-pickle if you trust that folder (your own interrupted run), "
+                              f"or delete {run_dir} to train the fold from its first epoch")
         state = checkpoint_state(last)
         if state != "finished":
             data_yaml = write_fold_dataset(train, val, out_dir / "data")
@@ -240,6 +245,7 @@ class YoloMember:
                     self._new_model().train(**self._train_arguments(data_yaml, out_dir, progress))
         if not best.is_file():
             raise SegensError(f"{run_dir}: training ended without best.pt; see ultralytics' output above")
+        # best.pt is trusted here: trained by this process, or from a folder the user trusted with --trust-pickle
         checkpoint = Checkpoint(best, sha256_of(best), self.validation_dice(best, val))
         atomic_write_text(out_dir / DONE_FILE, json.dumps(
             {"fold": fold, "sha256": checkpoint.sha256, "val_dice": checkpoint.val_dice, "val_keys": _keys_digest(val)}))
