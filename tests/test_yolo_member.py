@@ -143,7 +143,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         with pytest.raises(_Killed):
             member.train_fold(0, records[:4], records[4:], out_dir, progress=False)
     assert (out_dir / "train" / "weights" / "last.pt").is_file()
-    result = member.train_fold(0, records[:4], records[4:], out_dir, progress=False)
+    with pytest.raises(SegensError, match="pickled state.*Pass --trust-pickle"):  # resuming unpickles last.pt
+        member.train_fold(0, records[:4], records[4:], out_dir, progress=False)
+    result = factory("yolo")(_spec(), trust_pickle=True).train_fold(0, records[:4], records[4:], out_dir,
+                                                                     progress=False)
     return member, result, records, out_dir
 
 
