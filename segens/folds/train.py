@@ -68,11 +68,11 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
     """
     spec_path, root, folds_path = Path(spec_path), Path(root), Path(folds_path)
     spec = load_spec(spec_path)
+    base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
+    check_outputs([Output(base, "folder", "--checkpoints", resumable=True)], inputs=[spec_path, root, folds_path])
     folds = load_folds(folds_path, root=root)
     chosen = parse_fold_choice(fold, folds.k)
     factory(spec.kind)(spec, device=device)  # validates the spec's kind-specific fields up front
-    base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
-    check_outputs([Output(base, "folder", "--checkpoints", resumable=True)], inputs=[spec_path, root, folds_path])
     tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1,
                                  trust_pickle) for number in chosen)
     summaries = []
