@@ -85,10 +85,15 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     temporary = temporary_name(path)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        if kept_mode is not None:
-            os.fchmod(descriptor, kept_mode)  # exactly the old mode, whatever the umask says
-        with os.fdopen(descriptor, mode, encoding=None if "b" in mode else encoding,
-                       newline=None if "b" in mode else "") as handle:
+        try:
+            if kept_mode is not None:
+                os.fchmod(descriptor, kept_mode)  # exactly the old mode, whatever the umask says
+            handle = os.fdopen(descriptor, mode, encoding=None if "b" in mode else encoding,
+                               newline=None if "b" in mode else "")
+        except BaseException:
+            os.close(descriptor)
+            raise
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

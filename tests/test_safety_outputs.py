@@ -289,5 +289,8 @@ def test_search_weights_outputs_are_checked_before_the_search(csv_project: Path,
     with pytest.raises(SegensError, match=r"plot.png: --plot is a folder, not a file"):
         search_weights(stores, csv_project / "data", None, tmp_path / "r.json", progress=False,
                        also_written=[Output(tmp_path / "plot.png", option="--plot")])
+    (tmp_path / ".r2.json.partial").write_text("not a folder")
+    with pytest.raises(SegensError, match=r"\.r2\.json\.partial: --out's resume folder is a file, not a folder"):
+        search_weights(stores, csv_project / "data", None, tmp_path / "r2.json", progress=False)
     assert (tmp_path / "recipe.json").read_text() == "{}" and not (tmp_path / "r.json").exists()
-    assert not any(tmp_path.glob(".*.partial"))
+    assert [p.name for p in tmp_path.glob(".*.partial")] == [".r2.json.partial"]

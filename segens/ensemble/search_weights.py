@@ -17,7 +17,7 @@ from segens.ensemble.combine import check_stores
 from segens.ensemble.evidence import threshold_grid
 from segens.ensemble.recipe import Recipe, save_recipe
 from segens.ensemble.search import ClassResult, SearchReport, search_class
-from segens.ensemble.search_resume import FinishedClasses, search_key
+from segens.ensemble.search_resume import FinishedClasses, partial_root, search_key
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.store import ProbabilityStore, open_store
@@ -72,8 +72,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     opened with ``storage_options``) and the labels under ``root`` (the same path on every machine) themselves.
     """
     check_backend(backend, scheduler)
-    check_outputs([Output(out, "file", "--out"), *also_written], inputs=[*store_urls, folds_path, root],
-                  overwrite=overwrite)
+    check_outputs([Output(out, "file", "--out"), Output(partial_root(out), "folder", "--out's resume folder", True),
+                   *also_written], inputs=[*store_urls, folds_path, root], overwrite=overwrite)
     if strategy not in ("soft", "weighted", "hard"):
         raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
     if method not in METHODS:
