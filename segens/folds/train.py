@@ -3,6 +3,7 @@ checkpoints into its spec, so that ``ens predict-member`` uses them without any 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
     spec = load_spec(spec_path)
     base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
     check_outputs([Output(base, "folder", "--checkpoints", resumable=True)], inputs=[spec_path, root, folds_path])
+    if not os.access(spec_path.parent, os.W_OK | os.X_OK):
+        raise SegensError(f"{spec_path}: its folder is not writable, and train-member writes the trained checkpoints "
+                          "into the spec (atomically, beside it); copy the spec to a writable folder")
     folds = load_folds(folds_path, root=root)
     chosen = parse_fold_choice(fold, folds.k)
     factory(spec.kind)(spec, device=device)  # validates the spec's kind-specific fields up front
