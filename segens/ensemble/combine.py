@@ -196,9 +196,27 @@ def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tup
             raise SegensError(f"{store.url}: split {store.split!r} differs from {first.url}'s {first.split!r}")
     if list(first.classes) != list(CLASSES):
         raise SegensError(f"{first.url}: its class list is not the competition's 29 classes")
-    key_sets = [set(store.keys()) for store in stores]
-    keys = sorted(set().union(*key_sets), key=lambda key: key + IMAGE_SUFFIX)
+    for store in stores[1:]:
+        if store.planned != first.planned:
+            only = sorted(set(store.planned) ^ set(first.planned))[0]
+            holder = first if only in first.planned else store
+            raise SegensError(f"{store.url}: planned for other images than {first.url} (e.g. {only!r} is planned "
+                              f"only in {holder.url}); predict every member on the same data root and split")
+    keys = sorted(first.planned, key=lambda key: key + IMAGE_SUFFIX)
+    names: dict[str, str] = {}
+    for key in keys:
+        name = key.rsplit("/", 1)[-1]
+        if name in names:
+            raise SegensError(f"{first.url}: images {names[name]!r} and {key!r} share the file name {name + IMAGE_SUFFIX!r}; "
+                              "a submission names images by file name, so they must be unique within a split")
+        names[name] = key
+    key_sets = [store.completed() for store in stores]
     present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
+    nowhere = [key for key, row in zip(keys, present) if not row.any()]
+    if nowhere:
+        raise SegensError(f"image {nowhere[0]!r} (and {len(nowhere) - 1} more) is planned for these stores but "
+                          "complete in none of them (never written, killed mid-write, or its metadata is unreadable); "
+                          "run `ens predict-member` for the members to finish it: a submission may not miss an image")
     missing = {store.member: int((~present[:, m]).sum()) for m, store in enumerate(stores) if not present[:, m].all()}
     if missing and not allow_missing:
         m = next(index for index, store in enumerate(stores) if store.member in missing)
@@ -270,7 +288,8 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
         if masks_out is not None:
             masks_location = shared_location(masks_out, backend)
             mask_store = create_store(masks_location, "ensemble", "combined", stores[0].split,
-                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=True,
+                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, images=keys,
+                                      overwrite=True,
                                       storage_options=store_options(masks_location, storage_options))
         tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store)
                  for index, key in enumerate(keys))
