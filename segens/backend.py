@@ -97,8 +97,17 @@ def parallel_backend(backend: str = "local", scheduler: str | None = None) -> It
         client.close()
 
 
+def check_jobs(jobs: int) -> int:
+    """``jobs`` if it is an integer >= 1 (joblib would read 0 as an error and negatives as "all cores but n");
+    a SegensError otherwise."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SegensError(f"--jobs must be a whole number >= 1 (processes side by side), got {jobs!r}")
+    return jobs
+
+
 def n_jobs(backend: str, jobs: int) -> int:
-    """``n_jobs`` for ``Parallel``: ``jobs`` locally; on Dask every worker thread is used (-1)."""
+    """``n_jobs`` for ``Parallel``: ``jobs`` (checked, >= 1) locally; on Dask every worker thread is used (-1)."""
+    check_jobs(jobs)
     return jobs if backend == "local" else -1
 
 
