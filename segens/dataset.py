@@ -9,6 +9,7 @@ on ``_``. Sorting is by the relative path with extension, as the competition's s
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,19 @@ class SplitListing:
         return names
 
 
+def check_unique_file_names(keys: Iterable[str], where: str | Path, suffix: str = ".png") -> None:
+    """Image keys (``ID001/name``) must have distinct file names (``name`` + ``suffix``): a submission row names
+    an image by its file name only, so two patients' ``name.png`` would give duplicate rows. A SegensError
+    naming ``where`` and both images otherwise."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        name = key.rsplit("/", 1)[-1] + suffix
+        if name in seen:
+            raise SegensError(f"{where}: images {seen[name]} and {key} share the file name {name}; submission rows "
+                              "name images by file name only, so they could not be told apart: rename one of them")
+        seen[name] = key
+
+
 def _keys(folder: Path, suffix: str) -> dict[str, Path]:
     return {p.relative_to(folder).with_suffix("").as_posix(): p for p in folder.rglob(f"*{suffix}") if p.is_file()}
 
@@ -100,6 +114,7 @@ def discover(root: str | Path, split: str = "train", require_labels: bool | None
     labels_folder = root / split / LABEL_DIR
     labels = _keys(labels_folder, ".json") if labels_folder.is_dir() else {}
     ordered = sorted(images, key=lambda key: images[key].relative_to(image_folder).as_posix())
+    check_unique_file_names(ordered, image_folder)
     records = [ImageRecord(key, images[key], labels.get(key)) for key in ordered]
     listing = SplitListing(
         root=root,

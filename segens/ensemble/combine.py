@@ -28,6 +28,7 @@ from joblib import Parallel, delayed
 
 from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options
 from segens.classes import CLASSES, NUM_CLASSES
+from segens.dataset import check_unique_file_names
 from segens.ensemble.postprocess import apply_postprocessing
 from segens.ensemble.recipe import STRATEGIES, Recipe, check_class_weights, load_recipe
 from segens.errors import SegensError
@@ -299,6 +300,8 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
         if recipe.strategy != strategy:
             raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
     keys, present, missing = check_stores(stores, allow_missing)
+    check_unique_file_names(keys, stores[0].url if len(stores) == 1 else f"stores {', '.join(s.url for s in stores)}",
+                            IMAGE_SUFFIX)
     settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
     with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
         mask_store = None
