@@ -192,20 +192,34 @@ def test_cli_refuses_non_utf8_recipe(stores, tmp_path: Path) -> None:
     ("args", "fragment"),
     [
         (["--strategy", "weighted", "--weights", "vgg=nan,hrnet=1"], "--weights: member 'vgg' has weight 'nan'"),
-        (["--strategy", "weighted", "--weights", "vgg=1e999,hrnet=1"], "--weights: member 'vgg' has weight '1e999'"),
         (["--strategy", "weighted", "--weights", "vgg=1e308,hrnet=1e308"], "--weights: weights of class finger-1 are too large"),
-        (["--strategy", "weighted", "--weights", "vgg=0,hrnet=0"], "--weights: weights of class finger-1 sum to 0"),
-        (["--strategy", "hard", "--weights", "vgg=1e39,hrnet=1"], "--weights: weights of class finger-1 are too large"),
         (["--strategy", "hard", "--min-votes", "nan"], "--min-votes must be a finite number > 0, got nan"),
-        (["--strategy", "hard", "--min-votes", "inf"], "--min-votes must be a finite number > 0, got inf"),
         (["--strategy", "soft", "--threshold", "nan"], "--threshold: threshold nan (class finger-1) must be a finite"),
-        (["--strategy", "soft", "--threshold", "0.99999999999"], "--threshold: threshold 0.99999999999"),
     ],
 )
 def test_cli_refuses_non_finite_settings(stores, tmp_path: Path, args: list[str], fragment: str) -> None:
     out = tmp_path / "sub.csv"
     assert_refused(ens("combine", *stores, *args, "--out", out), fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "weights", "options", "message"),
+    [
+        ("weighted", "vgg=1e999,hrnet=1", {}, "--weights: member 'vgg' has weight '1e999'"),
+        ("weighted", "vgg=inf,hrnet=1", {}, "--weights: member 'vgg' has weight 'inf'"),
+        ("weighted", "vgg=0,hrnet=0", {}, "--weights: weights of class finger-1 sum to 0"),
+        ("hard", "vgg=1e39,hrnet=1", {}, "--weights: weights of class finger-1 are too large"),
+        ("hard", "vgg=1e-46,hrnet=0", {}, "--weights: weights of class finger-1 sum to 0"),  # 0 as float32 votes
+        ("hard", None, {"min_votes": float("inf")}, "--min-votes must be a finite number > 0, got inf"),
+        ("hard", None, {"min_votes": 0.0}, "--min-votes must be a finite number > 0, got 0.0"),
+        ("soft", None, {"threshold": 0.99999999999}, r"--threshold: threshold 0.99999999999 .*\[0, 1\)"),
+        ("soft", None, {"threshold": -0.0001}, r"--threshold: threshold -0.0001"),
+    ],
+)
+def test_command_line_settings(strategy: str, weights: str | None, options: dict, message: str) -> None:
+    with pytest.raises(SegensError, match=message):
+        resolve_settings(strategy, MEMBERS, weights=parse_weights(weights), **options)
 
 
 def test_weights_and_settings_in_the_library(stores) -> None:
