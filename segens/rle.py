@@ -141,7 +141,8 @@ def parse_pairs(rle: str, height: int, width: int, where: str = "RLE") -> np.nda
     pixels = height * width
     if numbers.size and int(numbers.max()) > pixels:  # checked before the compiled code, whose sums could overflow
         raise SegensError(f"{where}: RLE runs past the end of a {width}x{height} image (it holds the number "
-                          f"{int(numbers.max())}, more than its {pixels} pixels); was it encoded for another image size?")
+                          f"{int(numbers.max())}, more than its {pixels} pixels); "
+                          "was it encoded for another image size?")
     problem, last_end = _check_pairs(numbers)
     if problem:
         raise SegensError(f"{where}: {_RUN_ERRORS[problem]}")

@@ -78,14 +78,15 @@ def read_submission(path: str | Path) -> Submission:
         with handle:
             header = next(reader, None)
             if header is None or tuple(h.strip() for h in header) != HEADER:
-                raise SegensError(f"{path}: header must be {','.join(HEADER)}, found {header}")
+                raise SegensError(f"{path}: header must be {','.join(HEADER)}, found {str(header)[:200]}")
             for line, row in enumerate(reader, start=2):
                 _add_row(rles, row, f"{path}:{line}")
     except UnicodeDecodeError:
         offset, byte = _bad_utf8_byte(path)
         raise SegensError(f"{path}: not UTF-8 text (byte {offset}: {byte!r}); save the CSV as UTF-8") from None
     except csv.Error as exc:
-        raise SegensError(f"{path}:{reader.line_num}: not a readable CSV row ({exc}); is this a submission CSV?") from None
+        raise SegensError(f"{path}:{reader.line_num}: not a readable CSV row ({exc}); "
+                          "is this a submission CSV?") from None
     except OSError as exc:
         raise SegensError(f"{path}: cannot read submission ({exc.strerror or exc})") from None
     return Submission(path, rles)
