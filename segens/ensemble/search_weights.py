@@ -93,7 +93,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     if any(store.split != "oof" for store in stores):
         raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
                           "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
-    check_grid_size(step, len(stores))
+    if strategy == "weighted":  # the only strategy that scores a weight grid
+        check_grid_size(step, len(stores))
     keys, _, _ = check_stores(stores, allow_missing=False)
     records_by_key = discover(Path(root).resolve() if backend == "dask" else root, "train").by_key()
     missing = [key for key in keys if key not in records_by_key]
