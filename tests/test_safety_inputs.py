@@ -546,3 +546,18 @@ def test_storage_options_are_bounded_json() -> None:
         parse_storage_options("[" * DEEP + "]" * DEEP)
     with pytest.raises(SegensError, match="storage options must be a JSON object, got list"):
         parse_storage_options("[1]")
+
+
+def test_allow_missing_refuses_an_image_whose_present_members_all_weigh_zero(stores, tmp_path: Path) -> None:
+    short = create_store(tmp_path / "hrnet.test.zarr", "hrnet", "smp", "test", {"name": "hrnet"},
+                         {0: {"path": "hrnet.pt", "sha256": "sha-hrnet"}})
+    short.write_image(KEYS[0], np.full((NUM_CLASSES, 16, 20), 200, np.uint8))
+    out = tmp_path / "sub.csv"
+    with pytest.raises(SegensError, match=rf"image '{KEYS[1]}': the members present \(vgg\) all have weight 0 for "
+                                          "class finger-1, so it could only be empty"):
+        combine([stores[0], tmp_path / "hrnet.test.zarr"], out, "weighted", weights={"vgg": 0.0, "hrnet": 1.0},
+                allow_missing=True, progress=False)
+    assert not out.exists()
+    summary = combine([stores[0], tmp_path / "hrnet.test.zarr"], out, "weighted", weights={"vgg": 1.0, "hrnet": 0.0},
+                      allow_missing=True, progress=False)
+    assert summary.missing == {"hrnet": 1} and summary.rows == len(KEYS) * NUM_CLASSES

@@ -142,6 +142,20 @@ def resolve_settings(strategy: str, members: Sequence[str], recipe: Recipe | Non
                     member_thresholds.astype(np.float32), votes, postprocess)
 
 
+def check_present_weights(settings: Settings, present: np.ndarray, keys: Sequence[str], members: Sequence[str]) -> None:
+    """With --allow-missing, the members present for an image must have a positive total weight in every class:
+    otherwise that class could only be empty (a SegensError naming the image, class and members)."""
+    patterns, first = np.unique(present, axis=0, return_index=True)
+    for pattern, index in zip(patterns, first):
+        totals = settings.weights[:, pattern].astype(np.float64).sum(axis=1)
+        if (totals <= 0).any():
+            channel = int(np.argmax(totals <= 0))
+            here = ", ".join(name for name, there in zip(members, pattern) if there)
+            raise SegensError(f"image {keys[index]!r}: the members present ({here}) all have weight 0 for class "
+                              f"{CLASSES[channel]}, so it could only be empty; give them weight, or predict the "
+                              "missing members for this image")
+
+
 def _check_threshold(values: np.ndarray, where: str) -> None:
     """Thresholds (per class, or (class, member)) finite in [0, 1), also once rounded to float32."""
     with np.errstate(over="ignore", invalid="ignore"):
@@ -303,6 +317,7 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
     check_unique_file_names(keys, stores[0].url if len(stores) == 1 else f"stores {', '.join(s.url for s in stores)}",
                             IMAGE_SUFFIX)
     settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
+    check_present_weights(settings, present, keys, [store.member for store in stores])
     with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
         mask_store = None
         if masks_out is not None:
