@@ -18,7 +18,7 @@ def train_member(
     data: Annotated[Path, typer.Option(help="Data root (train/DCM, train/outputs_json).")],
     folds: Annotated[Path, typer.Option(help="folds.json from `ens folds make`.")],
     fold: Annotated[str, typer.Option(help="'all', one fold (2) or a list (0,3).")] = "all",
-    jobs: Annotated[int, typer.Option(help="Folds trained side by side (each holds its own model in memory).")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Folds trained side by side (each holds its own model in memory).")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "cpu",
     checkpoints: Annotated[Path | None, typer.Option(help="Folder for checkpoints (default: a folder named after the member, beside the spec).")] = None,
 ) -> None:
@@ -54,7 +54,7 @@ def predict_member(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto (autocast on CUDA); with --backend dask resolved on each worker.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
-    jobs: Annotated[int, typer.Option(help="Local processes predicting side by side (each holds its own model copy).")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Local processes predicting side by side (each holds its own model copy).")] = 1,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
     storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, envvar=STORAGE_OPTIONS_ENV)] = None,
