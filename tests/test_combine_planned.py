@@ -62,13 +62,6 @@ def test_stores_planned_for_other_images_are_refused(tmp_path: Path) -> None:
         combine([a, b], tmp_path / "out.csv", "soft", progress=False)
 
 
-def test_file_names_repeated_across_patients_are_refused(tmp_path: Path) -> None:
-    keys = ["ID001/image1", "ID002/image1"]
-    store = store_of(tmp_path / "a.zarr", "a", keys, planned=keys)
-    with pytest.raises(SegensError, match=r"'ID001/image1' and 'ID002/image1' share the file name 'image1.png'"):
-        combine([store], tmp_path / "out.csv", "soft", progress=False)
-
-
 def test_a_deleted_chunk_fails_the_combine_naming_store_image_and_class(tmp_path: Path) -> None:
     stores = [store_of(tmp_path / f"{m}.zarr", m, KEYS) for m in ("a", "b")]
     chunk = next((stores[1] / "ID001" / "image2" / "c").rglob("0"))

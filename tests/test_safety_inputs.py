@@ -65,7 +65,8 @@ def stores(tmp_path_factory) -> list[Path]:
     for seed, member in enumerate(MEMBERS):
         path = base / f"{member}.test.zarr"
         store = create_store(path, member, "smp", "test", {"name": member}, {0: {"path": f"{member}.pt",
-                                                                                 "sha256": f"sha-{member}"}})
+                                                                                 "sha256": f"sha-{member}"}},
+                             images=KEYS)
         rng = np.random.default_rng(seed)
         for key in KEYS:
             store.write_image(key, rng.integers(0, 256, (NUM_CLASSES, 16, 20), dtype=np.uint8))
@@ -293,7 +294,8 @@ def test_duplicate_file_names_in_a_split(tiny_root: Path) -> None:
 
 def test_combine_refuses_store_keys_with_one_file_name(tmp_path: Path) -> None:
     keys = ["ID001/image7", "ID002/image7"]
-    store = create_store(tmp_path / "m.test.zarr", "m", "smp", "test", {"name": "m"}, {0: {"path": "m.pt", "sha256": "s"}})
+    store = create_store(tmp_path / "m.test.zarr", "m", "smp", "test", {"name": "m"}, {0: {"path": "m.pt", "sha256": "s"}},
+                         images=keys)
     for key in keys:
         store.write_image(key, np.full((NUM_CLASSES, 8, 8), 200, np.uint8))
     out = tmp_path / "sub.csv"
@@ -550,7 +552,7 @@ def test_storage_options_are_bounded_json() -> None:
 
 def test_allow_missing_refuses_an_image_whose_present_members_all_weigh_zero(stores, tmp_path: Path) -> None:
     short = create_store(tmp_path / "hrnet.test.zarr", "hrnet", "smp", "test", {"name": "hrnet"},
-                         {0: {"path": "hrnet.pt", "sha256": "sha-hrnet"}})
+                         {0: {"path": "hrnet.pt", "sha256": "sha-hrnet"}}, images=KEYS)
     short.write_image(KEYS[0], np.full((NUM_CLASSES, 16, 20), 200, np.uint8))
     out = tmp_path / "sub.csv"
     with pytest.raises(SegensError, match=rf"image '{KEYS[1]}': the members present \(vgg\) all have weight 0 for "

@@ -252,13 +252,7 @@ def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tup
             raise SegensError(f"{store.url}: planned for other images than {first.url} (e.g. {only!r} is planned "
                               f"only in {holder.url}); predict every member on the same data root and split")
     keys = sorted(first.planned, key=lambda key: key + IMAGE_SUFFIX)
-    names: dict[str, str] = {}
-    for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        if name in names:
-            raise SegensError(f"{first.url}: images {names[name]!r} and {key!r} share the file name {name + IMAGE_SUFFIX!r}; "
-                              "a submission names images by file name, so they must be unique within a split")
-        names[name] = key
+    check_unique_file_names(keys, first.url, IMAGE_SUFFIX)
     key_sets = [store.completed() for store in stores]
     present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
     nowhere = [key for key, row in zip(keys, present) if not row.any()]
@@ -332,8 +326,6 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
         if recipe.strategy != strategy:
             raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
     keys, present, missing = check_stores(stores, allow_missing)
-    check_unique_file_names(keys, stores[0].url if len(stores) == 1 else f"stores {', '.join(s.url for s in stores)}",
-                            IMAGE_SUFFIX)
     settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
     check_present_weights(settings, present, keys, [store.member for store in stores])
     with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
