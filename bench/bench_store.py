@@ -100,7 +100,8 @@ def _stored_bytes(path: Path) -> int:
 
 def bench_pipeline(images: int, repeats: int, size: int, out: int, workdir: Path) -> None:
     batch = [synthetic_logits(seed, size) for seed in range(images)]
-    store = create_store(workdir / "ours.zarr", "bench", "smp", "test", {"name": "bench"}, {})
+    store = create_store(workdir / "ours.zarr", "bench", "smp", "test", {"name": "bench"}, {},
+                         images=[f"ID{index:03d}/image{index}_R" for index in range(images)], overwrite=True)
     ours_s, base_s, ours_read, base_read, ours_bytes, base_bytes, nonzero = [], [], [], [], [], [], []
     for index, logits in enumerate(batch):
         key = f"ID{index:03d}/image{index}_R"

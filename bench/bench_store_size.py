@@ -35,7 +35,8 @@ def run(spec_path: str, images: int = 3, size: int = 2048) -> dict[str, float]:
         folder = Path(folder)
         generate(folder / "data", n_train_patients=1, n_test_patients=max(1, (images + 1) // 2), size=size, seed=11)
         records = discover(folder / "data", "test").records[:images]
-        store = create_store(folder / "ours.zarr", spec.name, spec.kind, "test", spec.to_dict(), {})
+        store = create_store(folder / "ours.zarr", spec.name, spec.kind, "test", spec.to_dict(), {},
+                             images=[record.key for record in records])
         baseline = zarr.open_group(str(folder / "float32.zarr"), mode="w")
         ours, theirs, nonzero = [], [], []
         for record in records:

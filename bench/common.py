@@ -148,7 +148,8 @@ def bench_data(workdir: Path = DEFAULT_WORKDIR, images: int = 20, size: int = 20
 def _write_stores(paths: Sequence[Path], records: Sequence[ImageRecord], seed: int) -> None:
     """Each member's maps of every record into its store (truth read once per image)."""
     stores = [create_store(path, member.name, "smp", "oof", {"name": member.name},
-                           {0: {"path": f"{member.name}.pt", "sha256": f"sha-{member.name}"}}, overwrite=True)
+                           {0: {"path": f"{member.name}.pt", "sha256": f"sha-{member.name}"}},
+                           images=[record.key for record in records], overwrite=True)
               for path, member in zip(paths, MEMBERS)]
     for index, record in enumerate(records):
         truth = read_record_mask(record)
@@ -173,9 +174,13 @@ def replicated_stores(data: BenchData, images: int, workdir: Path | None = None)
 
 
 def _replicate(source: Path, target: Path, keys: Sequence[str], images: int) -> None:
-    """Copy the root metadata, then image i from ``keys[i % len(keys)]`` as ID{i//2+1:03d}/image{...}."""
+    """Copy the root metadata (planned images replaced by the new keys), then image i from ``keys[i % len(keys)]``
+    as ID{i//2+1:03d}/image{...}."""
     target.mkdir(parents=True)
-    shutil.copy(source / "zarr.json", target / "zarr.json")
+    root = json.loads((source / "zarr.json").read_text())
+    root["attributes"]["images"] = sorted(f"ID{index // 2 + 1:03d}/image{1661130000000 + index}"
+                                          for index in range(images))
+    (target / "zarr.json").write_text(json.dumps(root))
     for index in range(images):
         patient = target / f"ID{index // 2 + 1:03d}"
         if not patient.is_dir():

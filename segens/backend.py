@@ -16,13 +16,13 @@ a cluster they must be on a shared file system at the same path on every machine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from segens.errors import SegensError
+from segens.safeload import parse_json
 
 BACKENDS = ("local", "dask")
 STORAGE_OPTIONS_ENV = "SEGENS_STORAGE_OPTIONS"
@@ -97,8 +97,17 @@ def parallel_backend(backend: str = "local", scheduler: str | None = None) -> It
         client.close()
 
 
+def check_jobs(jobs: int) -> int:
+    """``jobs`` if it is an integer >= 1 (joblib would read 0 as an error and negatives as "all cores but n");
+    a SegensError otherwise."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SegensError(f"--jobs must be a whole number >= 1 (processes side by side), got {jobs!r}")
+    return jobs
+
+
 def n_jobs(backend: str, jobs: int) -> int:
-    """``n_jobs`` for ``Parallel``: ``jobs`` locally; on Dask every worker thread is used (-1)."""
+    """``n_jobs`` for ``Parallel``: ``jobs`` (checked, >= 1) locally; on Dask every worker thread is used (-1)."""
+    check_jobs(jobs)
     return jobs if backend == "local" else -1
 
 
@@ -127,10 +136,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     if text is None or not text.strip():
         return None
     try:
-        options = json.loads(text)
-    except ValueError as exc:
-        raise SegensError(f"storage options must be a JSON object, e.g. "
-                          f"'{{\"client_kwargs\": {{\"endpoint_url\": \"http://HOST:PORT\"}}}}' ({exc})") from None
+        options = parse_json(text, "--storage-options", "storage options")
+    except SegensError as exc:
+        raise SegensError(f"{exc}; storage options must be a JSON object, e.g. "
+                          f"'{{\"client_kwargs\": {{\"endpoint_url\": \"http://HOST:PORT\"}}}}'") from None
     if not isinstance(options, dict):
         raise SegensError(f"storage options must be a JSON object, got {type(options).__name__}: {text!r}")
     return options

@@ -8,6 +8,8 @@ on ``_``. Sorting is by the relative path with extension, as the competition's s
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from segens.labels import read_label_mask
 IMAGE_DIR = "DCM"
 LABEL_DIR = "outputs_json"
 SPLITS = ("train", "test")
+MAX_IMAGE_SIDE = 16384
+"""Largest image side read (pixels): 2048 in the competition; a 16384^2 (29, H, W) uint8 store is 7.8 GB."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,19 @@ class SplitListing:
         return names
 
 
+def check_unique_file_names(keys: Iterable[str], where: str | Path, suffix: str = ".png") -> None:
+    """Image keys (``ID001/name``) must have distinct file names (``name`` + ``suffix``): a submission row names
+    an image by its file name only, so two patients' ``name.png`` would give duplicate rows. A SegensError
+    naming ``where`` and both images otherwise."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        name = key.rsplit("/", 1)[-1] + suffix
+        if name in seen:
+            raise SegensError(f"{where}: images {seen[name]} and {key} share the file name {name}; submission rows "
+                              "name images by file name only, so they could not be told apart: rename one of them")
+        seen[name] = key
+
+
 def _keys(folder: Path, suffix: str) -> dict[str, Path]:
     return {p.relative_to(folder).with_suffix("").as_posix(): p for p in folder.rglob(f"*{suffix}") if p.is_file()}
 
@@ -96,6 +114,7 @@ def discover(root: str | Path, split: str = "train", require_labels: bool | None
     labels_folder = root / split / LABEL_DIR
     labels = _keys(labels_folder, ".json") if labels_folder.is_dir() else {}
     ordered = sorted(images, key=lambda key: images[key].relative_to(image_folder).as_posix())
+    check_unique_file_names(ordered, image_folder)
     records = [ImageRecord(key, images[key], labels.get(key)) for key in ordered]
     listing = SplitListing(
         root=root,
@@ -116,8 +135,10 @@ def discover(root: str | Path, split: str = "train", require_labels: bool | None
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read a PNG as (H, W) uint8 grayscale (colour images are converted; 16-bit is scaled to 8-bit)."""
+    """Read a PNG as (H, W) uint8 grayscale (colour images are converted; 16-bit is scaled to 8-bit). The header
+    is checked first (``image_size``): a side over MAX_IMAGE_SIDE is refused before anything is decoded."""
     path = Path(path)
+    image_size(path)
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         reason = "file not found" if not path.exists() else "not a readable image"
@@ -131,16 +152,42 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image, reading only the PNG header when possible."""
+    """(height, width) of an image from its header alone (PNG's IHDR; other formats through Pillow's lazy
+    open); a SegensError naming the file if it is unreadable or a side is 0 or over MAX_IMAGE_SIDE."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             header = handle.read(24)
+    except FileNotFoundError:
+        raise SegensError(f"{path}: file not found; replace or remove it") from None
     except OSError as exc:
         raise SegensError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR":
-        return int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big")
-    return read_image(path).shape[:2]
+    if header[:8] == PNG_SIGNATURE:
+        if len(header) < 24 or header[12:16] != b"IHDR":
+            raise SegensError(f"{path}: not a readable image (a PNG without its IHDR header); replace or remove it")
+        height, width = int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big")
+    else:
+        height, width = _other_format_size(path)
+    if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
+        raise SegensError(f"{path}: its header claims {width}x{height} pixels; segens reads images with sides from 1 "
+                          f"to {MAX_IMAGE_SIDE}; replace or remove it")
+    return height, width
+
+
+def _other_format_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a non-PNG image from its header (Pillow reads only the header on open)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the side bound is checked by the caller
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise SegensError(f"{path}: its header claims too many pixels ({exc}); replace or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise SegensError(f"{path}: not a readable image; replace or remove it") from None
+    return height, width
 
 
 def read_record_mask(record: ImageRecord) -> np.ndarray:

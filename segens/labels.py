@@ -10,46 +10,68 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Annotated
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from segens.classes import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
 from segens.errors import SegensError
+from segens.safeload import load_json, parse_json, validate
+
+MAX_LABEL_BYTES = 64 << 20
+"""Largest label file read; the competition's are a few hundred KB."""
+MAX_COORDINATE = 1 << 20
+"""Points beyond this are refused before rasterising (int32 and cv2 limits); images are far smaller."""
+Coordinate = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COORDINATE, le=MAX_COORDINATE)]
 
 Polygons = dict[str, np.ndarray]
 """Class name -> (N, 2) int32 array of (x, y) pixel coordinates."""
 
 
+class _Annotation(BaseModel):
+    """The fields of one annotation that segens uses; others (id, type, attributes, ...) are allowed."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    label: str
+    points: list[Annotated[list[Coordinate], Field(min_length=2, max_length=2)]]
+
+
+class _LabelDocument(BaseModel):
+    """A label file: an ``annotations`` list; every other top-level field (metadata, ...) is allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    annotations: list[_Annotation]
+
+
 def parse_label_json(path: str | Path, text: str | bytes | None = None) -> Polygons:
-    """Read one label file into class -> (N, 2) int32 points; every class exactly once, or a SegensError."""
+    """Read one label file (or its ``text``) into class -> (N, 2) int32 points; every class exactly once, finite
+    coordinates, at least 3 points, or a SegensError naming the file (and annotation and class).
+
+    Read through segens.safeload: at most MAX_LABEL_BYTES, UTF-8 (BOM accepted), nesting and size bounded."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_bytes() if text is None else text)
-    except OSError as exc:
-        raise SegensError(f"{path}: cannot read label file ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SegensError(f"{path}: malformed JSON ({exc}); re-export the label file") from None
+    if text is None:
+        raw = load_json(path, "label file", MAX_LABEL_BYTES)
+    else:
+        raw = parse_json(text, path, "label file")
     if not isinstance(raw, dict) or not isinstance(raw.get("annotations"), list):
         raise SegensError(f"{path}: no 'annotations' list at the top level; is this a label file?")
+    document = validate(_LabelDocument, raw, path)
 
     polygons: Polygons = {}
-    for number, annotation in enumerate(raw["annotations"]):
+    for number, annotation in enumerate(document.annotations):
         where = f"{path}: annotation {number}"
-        if not isinstance(annotation, dict) or "label" not in annotation or "points" not in annotation:
-            raise SegensError(f"{where}: needs 'label' and 'points'")
-        label = annotation["label"]
+        label = annotation.label
         if label not in CLASS_TO_INDEX:
             raise SegensError(f"{where}: unknown class {label!r}; valid classes are: {', '.join(CLASSES)}")
         if label in polygons:
             raise SegensError(f"{where}: class {label!r} appears twice; each class must have one polygon")
-        try:
-            points = np.asarray(annotation["points"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise SegensError(f"{where} ({label}): 'points' is not a list of [x, y] numbers") from None
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+        if len(annotation.points) < 3:
             raise SegensError(f"{where} ({label}): 'points' must be at least 3 finite [x, y] pairs")
-        polygons[label] = np.rint(points).astype(np.int32)
+        polygons[label] = np.rint(np.asarray(annotation.points, dtype=np.float64)).astype(np.int32)
     missing = [name for name in CLASSES if name not in polygons]
     if missing:
         raise SegensError(f"{path}: classes missing: {', '.join(missing)}; every image needs all {NUM_CLASSES}")

@@ -30,6 +30,8 @@ SEX_CODES: dict[str, str] = {
 }
 # Plausible ranges; values outside become NA (a typo such as a height of 1700 is not silently kept).
 NUMERIC_RANGES: dict[str, tuple[float, float]] = {"age": (0.0, 120.0), "weight": (2.0, 300.0), "height": (40.0, 250.0)}
+MAX_XLSX_BYTES = 32 << 20
+MAX_XLSX_EXPANDED = 256 << 20
 _FIXED_TIME = datetime.datetime(2022, 8, 1)  # xlsx timestamps, so the same rows give the same bytes
 _EXCEL_ESCAPE = re.compile(r"_x[0-9A-Fa-f]{4}_")
 _XML_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -131,6 +133,7 @@ def _read_sheet(path: Path) -> pd.DataFrame:
     """The first sheet as strings/numbers (object dtype), or a SegensError naming the file."""
     if not path.is_file():
         raise SegensError(f"{path}: metadata file not found; it should be ROOT/meta_data.xlsx")
+    _check_archive(path)
     try:
         frame = pd.read_excel(path, engine="openpyxl", dtype=object)
     except Exception as exc:  # openpyxl raises many types for a damaged archive or XML
@@ -138,6 +141,24 @@ def _read_sheet(path: Path) -> pd.DataFrame:
                           "re-save it from a spreadsheet program") from None
     frame.index = frame.index + 2  # spreadsheet row numbers: the header is row 1
     return frame
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse, before parsing, an .xlsx (a zip archive) larger than MAX_XLSX_BYTES or expanding to more than
+    MAX_XLSX_EXPANDED bytes (a zip bomb); the real file is a few KB."""
+    size = path.stat().st_size
+    if size > MAX_XLSX_BYTES:
+        raise SegensError(f"{path}: {size:,} bytes, more than the {MAX_XLSX_BYTES:,} segens reads for metadata; "
+                          "is it the right file?")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise SegensError(f"{path}: not a readable .xlsx file ({type(exc).__name__}: {exc}); "
+                          "re-save it from a spreadsheet program") from None
+    if expanded > MAX_XLSX_EXPANDED:
+        raise SegensError(f"{path}: the .xlsx expands to {expanded:,} bytes, more than the {MAX_XLSX_EXPANDED:,} "
+                          "segens reads for metadata; re-save it with only the patients' sheet")
 
 
 def _select_columns(raw: pd.DataFrame, path: Path, notes: list[str]) -> pd.DataFrame:

@@ -8,11 +8,13 @@ except when the box spans the full width, where the flattened rows are used as t
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numba
 import numpy as np
 
+from segens.classes import CLASSES
 from segens.errors import SegensError
 
 BBox = tuple[int, int, int, int]
@@ -96,16 +98,22 @@ def encode_stack(masks: np.ndarray, boxes: list[BBox | None] | None = None) -> l
     return [encode(channel, box) for channel, box in zip(masks, boxes, strict=True)]
 
 
+_TOKEN = re.compile(r"[+-]?[0-9]+")
+_SATURATE = 1 << 62
+"""Integers beyond this are clipped to it while parsing: far past any image, so the size check refuses them."""
+
+
 def _integers(text: str) -> np.ndarray | None:
-    """The whitespace-separated integers of ``text`` as int64, or None if any token is not an integer."""
+    """The whitespace-separated ASCII integers of ``text`` as int64, or None if any token is not one. Numbers
+    too large for int64 are clipped (the fast parser saturates at the int64 maximum), never wrapped."""
     if text.isascii() and "  " not in text and text.replace(" ", "").isdigit():  # plain ASCII digits, single spaces
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return np.fromstring(text, dtype=np.int64, sep=" ")  # C parser: about 5x faster than split()
-    try:
-        return np.array([int(token) for token in text.split()], dtype=np.int64)
-    except ValueError:
+    tokens = text.split()
+    if not all(_TOKEN.fullmatch(token) for token in tokens):  # int() would also take '1_000' and non-ASCII digits
         return None
+    return np.array([max(-_SATURATE, min(int(token), _SATURATE)) for token in tokens], dtype=np.int64)
 
 
 _RUN_ERRORS = {
@@ -130,6 +138,11 @@ def parse_pairs(rle: str, height: int, width: int, where: str = "RLE") -> np.nda
         raise SegensError(f"{where}: RLE holds something other than integers: {text[:60]!r}")
     if numbers.size % 2:
         raise SegensError(f"{where}: RLE has an odd count of numbers ({numbers.size}); it must be start/length pairs")
+    pixels = height * width
+    if numbers.size and int(numbers.max()) > pixels:  # checked before the compiled code, whose sums could overflow
+        raise SegensError(f"{where}: RLE runs past the end of a {width}x{height} image (it holds the number "
+                          f"{int(numbers.max())}, more than its {pixels} pixels); "
+                          "was it encoded for another image size?")
     problem, last_end = _check_pairs(numbers)
     if problem:
         raise SegensError(f"{where}: {_RUN_ERRORS[problem]}")
@@ -161,7 +174,8 @@ def decode_stack(rles: list[str], height: int, width: int, where: str = "RLE") -
     """(len(rles), height, width) bool masks of a list of RLE strings (one per class), validated."""
     masks = np.zeros((len(rles), height, width), dtype=bool)
     for channel, text in enumerate(rles):
-        box, sub = decode_box(text, height, width, f"{where} [{channel}]")
+        name = CLASSES[channel] if len(rles) == len(CLASSES) else str(channel)
+        box, sub = decode_box(text, height, width, f"{where} class {name}")
         if box is not None:
             masks[channel, box[0] : box[1], box[2] : box[3]] = sub
     return masks

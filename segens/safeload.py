@@ -54,7 +54,16 @@ def decode_utf8(data: bytes, path: str | Path, what: str) -> str:
 
 def load_json(path: str | Path, what: str, max_bytes: int = MAX_BYTES) -> Any:
     """A bounded JSON document (see the module docstring)."""
-    text = read_text(path, what, max_bytes)
+    return parse_json(read_text(path, what, max_bytes), path, what)
+
+
+def parse_json(text: str | bytes, path: str | Path, what: str) -> Any:
+    """Parse JSON text (bytes: UTF-8, BOM accepted) with the bounds of ``load_json``; ``path`` only names the
+    source in errors."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_BYTES:
+            raise SegensError(f"{path}: {what} is {len(text):,} bytes, more than the {MAX_BYTES:,} segens reads")
+        text = decode_utf8(text, path, what)
     try:
         document = json.loads(text)
     except RecursionError:

@@ -45,8 +45,9 @@ def smooth_maps(seed: int, shape=SHAPE) -> np.ndarray:
     return maps
 
 
-def make_store(path: Path, member: str, seed: int, keys=KEYS, split="test", shapes=None) -> Path:
-    store = create_store(path, member, "smp", split, {"name": member}, {0: {"path": f"{member}.pt", "sha256": f"sha-{member}"}})
+def make_store(path: Path, member: str, seed: int, keys=KEYS, split="test", shapes=None, planned=None) -> Path:
+    store = create_store(path, member, "smp", split, {"name": member}, {0: {"path": f"{member}.pt", "sha256": f"sha-{member}"}},
+                         images=list(planned or keys))
     for index, key in enumerate(keys):
         store.write_image(key, smooth_maps(seed * 100 + index, (shapes or {}).get(key, SHAPE)))
     return path
@@ -90,7 +91,8 @@ def _two_member_stores(base: Path, weights_case: bool = False) -> list[Path]:
     for name in (["a", "b", "c"] if weights_case else ["a", "b"]):
         maps = np.zeros((NUM_CLASSES, 4, 10), np.uint8)
         maps[0, :, spans[name][0] : spans[name][1]] = 255
-        store = create_store(base / f"{name}.zarr", name, "csv", "test", {}, {0: {"path": name, "sha256": name}})
+        store = create_store(base / f"{name}.zarr", name, "csv", "test", {}, {0: {"path": name, "sha256": name}},
+                             images=["ID001/img"])
         store.write_image("ID001/img", maps)
         paths.append(base / f"{name}.zarr")
     return paths
@@ -125,7 +127,8 @@ def test_postprocessing_from_the_recipe(tmp_path: Path) -> None:
     maps[0, 15:17, 15:17] = 255  # small blob
     maps[1, 3:12, 3:12] = 255
     maps[1, 6:9, 6:9] = 0  # a hole
-    store = create_store(tmp_path / "m.zarr", "m", "csv", "test", {}, {0: {"path": "m", "sha256": "h"}})
+    store = create_store(tmp_path / "m.zarr", "m", "csv", "test", {}, {0: {"path": "m", "sha256": "h"}},
+                         images=["ID001/img"])
     store.write_image("ID001/img", maps)
     postprocess = [[] for _ in CLASSES]
     postprocess[0], postprocess[1] = ["largest_component"], ["fill_holes"]
@@ -140,7 +143,7 @@ def test_postprocessing_from_the_recipe(tmp_path: Path) -> None:
 
 
 def test_store_mismatches_are_errors_naming_store_and_image(stores, tmp_path: Path) -> None:
-    short = make_store(tmp_path / "short.zarr", "short", 9, keys=KEYS[:3])
+    short = make_store(tmp_path / "short.zarr", "short", 9, keys=KEYS[:3], planned=KEYS)
     with pytest.raises(SegensError, match=rf"short.zarr: lacks 1 image.*{KEYS[3]}.*--allow-missing"):
         combine([stores[0], short], tmp_path / "x.csv", "soft", progress=False)
     assert not (tmp_path / "x.csv").exists()

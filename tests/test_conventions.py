@@ -112,7 +112,7 @@ def test_bad_label_files(tmp_path: Path, mutate, message: str) -> None:
 def test_malformed_json_and_points_outside(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('{"annotations": [')
-    with pytest.raises(SegensError, match="malformed JSON"):
+    with pytest.raises(SegensError, match="broken.json: label file is not valid JSON"):
         parse_label_json(path)
     path.write_text(json.dumps(_label_doc()))
     assert read_label_mask(path, 10, 10).shape == (29, 10, 10)

@@ -180,7 +180,8 @@ def member_stores(project: Path, s3: dict) -> dict[str, tuple[list[str], list[st
             checkpoints = {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}}
             for location, options in ((str(project / f"{name}.{split}.zarr"), None),
                                       (s3_url(f"{name}.{split}.zarr"), store_options(s3_url(""), s3))):
-                store = create_store(location, name, "smp", split, {"name": name}, checkpoints, storage_options=options)
+                store = create_store(location, name, "smp", split, {"name": name}, checkpoints, images=list(maps),
+                                     storage_options=options)
                 for key, values in maps.items():
                     store.write_image(key, values)
             local.append(str(project / f"{name}.{split}.zarr"))

@@ -39,7 +39,7 @@ def _blur(masks: np.ndarray) -> np.ndarray:
 
 
 def _store(path: Path, split: str, maps: dict[str, np.ndarray]) -> Path:
-    store = create_store(path, path.name.split(".")[0], "csv", split, {}, {})
+    store = create_store(path, path.name.split(".")[0], "csv", split, {}, {}, images=list(maps))
     for key, values in maps.items():
         store.write_image(key, values)
     return path

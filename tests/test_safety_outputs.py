@@ -118,7 +118,8 @@ def test_stale_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path
 
 
 def _store(path: Path, name: str, keys: list[str], seed: int, split: str = "test") -> Path:
-    store = create_store(path, name, "smp", split, {"name": name}, {0: {"path": f"{name}.pt", "sha256": f"h-{name}"}})
+    store = create_store(path, name, "smp", split, {"name": name}, {0: {"path": f"{name}.pt", "sha256": f"h-{name}"}},
+                         images=keys)
     rng = np.random.default_rng(seed)
     for key in keys:
         store.write_image(key, rng.integers(0, 256, (len(CLASSES), 24, 20), dtype=np.uint8))

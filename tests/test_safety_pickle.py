@@ -59,10 +59,11 @@ def project(tmp_path_factory) -> Path:
     folds, _ = make_folds(base / "data", k=3, seed=0)
     save_folds(folds, base / "folds.json")
     rng = np.random.default_rng(0)
+    records = discover(base / "data", "train").records
     for name, noise in (("a", 60), ("b", 120)):
         store = create_store(base / f"{name}.oof.zarr", name, "smp", "oof", {"name": name},
-                             {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}})
-        for record in discover(base / "data", "train").records:
+                             {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}}, images=[r.key for r in records])
+        for record in records:
             truth = read_record_mask(record).astype(np.int16) * 200
             store.write_image(record.key, np.clip(truth + rng.integers(0, noise, truth.shape), 0, 255).astype(np.uint8))
     return base

@@ -50,7 +50,7 @@ def build_oof(root: Path, base: Path, members: dict[str, dict], seed: int = 0) -
     paths = []
     for name, settings in members.items():
         store = create_store(base / f"{name}.oof.zarr", name, "smp", "oof", {"name": name},
-                             {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}})
+                             {0: {"path": f"{name}.pt", "sha256": f"sha-{name}"}}, images=[r.key for r in records])
         for record in records:
             truth = read_record_mask(record)
             maps = settings.get("fixed") if "fixed" in settings else member_maps(truth, rng, **settings)
@@ -115,7 +115,8 @@ def test_adversarial_cases_equal_brute_force(tmp_path: Path, project: Path) -> N
         twin_maps[record.key] = maps
     paths = []
     for name in ["twin_a", "twin_b"]:
-        store = create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}})
+        store = create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}},
+                             images=list(twin_maps))
         for key, maps in twin_maps.items():
             store.write_image(key, maps)
         paths.append(tmp_path / f"{name}.zarr")
@@ -186,7 +187,9 @@ def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
     folds, _ = make_folds(tmp_path / "data", k=4, seed=0)
     save_folds(folds, tmp_path / "folds.json")
     folds = load_folds(tmp_path / "folds.json")
-    stores = {name: create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}})
+    planned = [record.key for record in discover(tmp_path / "data", "train").records]
+    stores = {name: create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}},
+                                 images=planned)
               for name in ("a", "b", "lucky")}
     for index, record in enumerate(discover(tmp_path / "data", "train").records):
         truth = read_record_mask(record)
@@ -218,8 +221,9 @@ def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> Non
 
 
 def test_search_refuses_test_stores(project: Path, tmp_path: Path) -> None:
-    store = create_store(tmp_path / "t.zarr", "t", "smp", "test", {}, {0: {"path": "t", "sha256": "t"}})
-    store.write_image(discover(project / "data", "train").records[0].key, np.zeros((29, 64, 64), np.uint8))
+    key = discover(project / "data", "train").records[0].key
+    store = create_store(tmp_path / "t.zarr", "t", "smp", "test", {}, {0: {"path": "t", "sha256": "t"}}, images=[key])
+    store.write_image(key, np.zeros((29, 64, 64), np.uint8))
     from segens.errors import SegensError
 
     with pytest.raises(SegensError, match="needs OOF stores"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -61,7 +62,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def new_store(path: Path, **changes):
     arguments = {"member_name": "m", "kind": "smp", "split": "oof", "spec": SPEC, "checkpoints": CHECKPOINTS} | changes
-    return create_store(path, **arguments)
+    return create_store(path, **({"images": KEYS} | arguments))
 
 
 @pytest.fixture
@@ -206,7 +207,9 @@ def test_incomplete_image_is_invisible_and_rewritten_identically(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, numpy as np
     from segens.members.store import create_store
-    store = create_store(sys.argv[1], "m", "smp", "oof", {"name": "m"}, {0: {"path": "f.pt", "sha256": "ab"}})
+    planned = [f"ID{index % 2:03d}/image{index}_R" for index in range(int(sys.argv[2]))]
+    store = create_store(sys.argv[1], "m", "smp", "oof", {"name": "m"}, {0: {"path": "f.pt", "sha256": "ab"}},
+                         images=planned)
     done = store.completed()
     for index in range(int(sys.argv[2])):
         key = f"ID{index % 2:03d}/image{index}_R"
@@ -324,12 +327,115 @@ def test_read_region_equals_zarr_slicing_on_any_box(tmp_path) -> None:
     probs = np.zeros((29, 700, 1100), np.uint8)
     probs[3, 100:650, 200:1050] = rng.integers(0, 255, (550, 850), dtype=np.uint8)
     probs[7, 0:20, 1090:1100] = 255
-    store = create_store(tmp_path / "s.zarr", "m", "smp", "test", {}, {})
+    store = create_store(tmp_path / "s.zarr", "m", "smp", "test", {}, {}, images=["ID001/img"])
     store.write_image("ID001/img", probs)
-    array = store._array("ID001/img")
+    array = zarr.open_array(tmp_path / "s.zarr" / "ID001" / "img", mode="r")  # zarr decodes the chunks itself
     for _ in range(40):
         r0, c0 = int(rng.integers(0, 699)), int(rng.integers(0, 1099))
         box = (r0, int(rng.integers(r0 + 1, 701)), c0, int(rng.integers(c0 + 1, 1101)))
         for channel in (3, 7, 10):
             assert np.array_equal(store.read_region("ID001/img", channel, box),
                                   array[channel, box[0]:box[1], box[2]:box[3]])
+
+
+# ---- format v2: planned images, verified reads ----------------------------------------------------------------
+
+
+def written_store(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A store of KEYS whose first image has class 3 across four chunks (and is the one tampered with)."""
+    probs = np.zeros((NUM_CLASSES, 700, 1100), np.uint8)
+    probs[3, 100:650, 200:1050] = np.random.default_rng(5).integers(1, 255, (550, 850), dtype=np.uint8)
+    probs[9, 5:9, 5:9] = 200
+    path = tmp_path / "s.zarr"
+    new_store(path).write_image(KEYS[0], probs)
+    return path, probs
+
+
+def image_metadata(path: Path) -> tuple[Path, dict]:
+    document_path = path / KEYS[0] / "zarr.json"
+    return document_path, json.loads(document_path.read_text())
+
+
+def test_chunks_are_the_bytes_zarr_itself_writes(tmp_path):
+    path, probs = written_store(tmp_path)
+    reference = zarr.create_array(tmp_path / "zarr-own.zarr", shape=probs.shape, dtype="uint8", chunks=(1, 512, 512),
+                                  fill_value=0, compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3,
+                                                                                 shuffle="noshuffle", typesize=1))
+    reference[3] = probs[3]
+    ours = tree(path / KEYS[0] / "c" / "3")
+    assert ours == tree(tmp_path / "zarr-own.zarr" / "c" / "3") and len(ours) == 6
+    assert np.array_equal(open_store(path).read(KEYS[0]), probs)
+
+
+def test_planned_images_tell_an_unfinished_store(tmp_path):
+    path, _ = written_store(tmp_path)
+    store = open_store(path)
+    assert store.planned == tuple(sorted(KEYS))
+    assert set(store.missing()) == set(KEYS[1:])
+    with pytest.raises(SegensError, match=r"'ID009/x' is not among the 3 images this store was created for"):
+        new_store(path).write_image("ID009/x", np.zeros((NUM_CLASSES, 4, 4), np.uint8))
+    with pytest.raises(SegensError, match=r"planned images: 3 there, 2 now"):
+        new_store(path, images=KEYS[:2])
+
+
+@pytest.mark.parametrize("damage, channel, message", [
+    ("delete", 3, r"class 'finger-4', chunk \(0, 1\): the chunk is missing from the store"),
+    ("flip", 3, r"class 'finger-4', chunk \(0, 1\): the chunk's checksum differs"),
+    ("extra", 4, r"class 'finger-5', chunk \(0, 0\): a chunk is there that the image's metadata does not list"),
+])
+def test_damaged_chunks_are_errors_naming_store_image_and_class(tmp_path, damage, channel, message):
+    path, _ = written_store(tmp_path)
+    chunk = path / KEYS[0] / "c" / "3" / "0" / "1"
+    if damage == "delete":
+        chunk.unlink()
+    elif damage == "flip":
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    else:  # a chunk of class 3 copied where class 4 wrote nothing
+        target = path / KEYS[0] / "c" / "4" / "0" / "0"
+        target.parent.mkdir(parents=True)
+        target.write_bytes((path / KEYS[0] / "c" / "3" / "0" / "0").read_bytes())
+    store = open_store(path)
+    with pytest.raises(SegensError, match=rf"s\.zarr: image '{KEYS[0]}', {message}"):
+        store.read_region(KEYS[0], channel, (0, 700, 0, 1100))
+    if damage != "extra":  # a whole-image read of the damaged class fails too
+        with pytest.raises(SegensError, match="rewrite the image with `ens predict-member`"):
+            store.read(KEYS[0])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["attributes"]["boxes"][3].__setitem__(3, 600), r"class 'finger-4': written chunk \(0, 2\) lies outside"),
+    (lambda m: m["attributes"]["boxes"][3].__setitem__(1, 600), r"values lie outside the class's recorded box"),
+    (lambda m: m["attributes"]["boxes"].__setitem__(3, [650, 100, 200, 1050]), r"box \[650, 100, 200, 1050\] is not"),
+    (lambda m: m["attributes"]["boxes"].pop(), r"boxes and chunks must list 29 classes each"),
+    (lambda m: m["attributes"]["boxes"].__setitem__(3, None), r"written chunk \(0, 0\) lies outside the recorded box None"),
+    (lambda m: m["attributes"].__setitem__("height", "700"), r"height/width '700'x1100 are not positive integers"),
+    (lambda m: m.__setitem__("shape", [29, 700, 1000]), r"the array's metadata is not this store format's"),
+])
+def test_altered_image_metadata_is_an_error(tmp_path, edit, message):
+    path, _ = written_store(tmp_path)
+    document_path, document = image_metadata(path)
+    edit(document)
+    document_path.write_text(json.dumps(document))
+    with pytest.raises(SegensError, match=rf"s\.zarr: image '{KEYS[0]}'.*{message}"):
+        open_store(path).read(KEYS[0])
+
+
+def test_unreadable_image_metadata_counts_as_missing(tmp_path):
+    path, _ = written_store(tmp_path)
+    document_path, _ = image_metadata(path)
+    document_path.write_text("{not json")
+    store = open_store(path)
+    assert set(store.missing()) == set(KEYS)
+    with pytest.raises(SegensError, match=rf"image '{KEYS[0]}' is not in the store .*metadata is unreadable"):
+        store.read(KEYS[0])
+
+
+def test_a_version_1_store_is_refused_with_what_to_do(tmp_path):
+    path, _ = written_store(tmp_path)
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["version"] = 1
+    (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(SegensError, match=r"version 1 is not known to this segens \(knows 2\); rewrite it"):
+        open_store(path)

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options
+from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options
 from segens.classes import CLASSES, NUM_CLASSES
+from segens.dataset import check_unique_file_names
 from segens.ensemble.postprocess import apply_postprocessing
-from segens.ensemble.recipe import STRATEGIES, Recipe, load_recipe
+from segens.ensemble.recipe import STRATEGIES, Recipe, check_class_weights, load_recipe
 from segens.errors import SegensError
 from segens.members.store import ProbabilityStore, create_store, open_store
 from segens.outputs import Output, check_outputs
@@ -64,59 +65,107 @@ class CombineSummary:
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
-    """``vgg=2,hrnet=1,yolo=1`` -> {"vgg": 2.0, ...}."""
+    """``vgg=2,hrnet=1,yolo=1`` -> {"vgg": 2.0, ...}; each weight a finite number >= 0, each member once."""
     if not text:
         return None
-    weights = {}
+    weights: dict[str, float] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
+        name = name.strip()
         try:
-            weights[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise SegensError(f"--weights must look like vgg=2,hrnet=1, got {part!r}") from None
+        if not name:
+            raise SegensError(f"--weights: {part!r} names no member; write member=weight, e.g. vgg=2")
+        if name in weights:
+            raise SegensError(f"--weights names member {name!r} twice; give each member one weight")
+        if not np.isfinite(number) or number < 0:
+            raise SegensError(f"--weights: member {name!r} has weight {value.strip()!r}; weights must be finite "
+                              "numbers >= 0")
+        weights[name] = number
     return weights
 
 
 def resolve_settings(strategy: str, members: Sequence[str], recipe: Recipe | None = None,
                      weights: dict[str, float] | None = None, threshold: float | None = None,
-                     min_votes: float | None = None) -> Settings:
-    """Per-class settings from the command line and (if given) a recipe whose members are ``members``."""
+                     min_votes: float | None = None, recipe_where: str = "the recipe") -> Settings:
+    """Per-class settings from the command line and (if given) a recipe whose members are ``members``.
+
+    Weights must be finite, >= 0, with a positive finite total per class; thresholds finite in [0, 1) (also
+    after rounding to float32, the type they are compared in); min_votes finite and > 0. Command-line values
+    override the recipe's; errors name the option (or ``recipe_where``) and the class.
+    """
     if strategy not in STRATEGIES:
         raise SegensError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     count = len(members)
-    raw = np.ones((NUM_CLASSES, count))
+    raw, weights_from = np.ones((NUM_CLASSES, count)), "weights"
     if recipe is not None and recipe.weights is not None:
         order = [recipe.member_names.index(name) for name in members]
-        raw = np.asarray(recipe.weights, dtype=np.float64)[:, order]
+        raw, weights_from = np.asarray(recipe.weights, dtype=np.float64)[:, order], f"{recipe_where}: weights"
     if weights is not None:
         unknown = sorted(set(weights) - set(members))
         if unknown or set(weights) != set(members):
             raise SegensError(f"--weights names {', '.join(sorted(weights))}; the stores' members are "
                               f"{', '.join(members)}: give one weight per member")
         raw = np.tile([weights[name] for name in members], (NUM_CLASSES, 1)).astype(np.float64)
+        weights_from = "--weights"
     if strategy == "soft":
         raw = np.ones((NUM_CLASSES, count))
-    if (raw < 0).any() or (raw.sum(axis=1) <= 0).any():
-        raise SegensError("weights must be >= 0 with a positive total for every class")
-    thresholds = np.full(NUM_CLASSES, 0.5)
+    check_class_weights(raw, strategy == "hard", weights_from.removesuffix(": weights"))
+    thresholds, thresholds_from = np.full(NUM_CLASSES, 0.5), "thresholds"
     if recipe is not None and recipe.thresholds is not None:
-        thresholds = np.asarray(recipe.thresholds)
+        thresholds, thresholds_from = np.asarray(recipe.thresholds, dtype=np.float64), f"{recipe_where}: thresholds"
+    member_thresholds = np.full((NUM_CLASSES, count), 0.5)
+    if recipe is not None and recipe.member_thresholds is not None:
+        member_thresholds = np.asarray(recipe.member_thresholds, dtype=np.float64)[
+            :, [recipe.member_names.index(n) for n in members]]
     if threshold is not None:
+        _check_threshold(np.full(NUM_CLASSES, threshold, dtype=np.float64), "--threshold")
         thresholds = np.full(NUM_CLASSES, threshold)
-    member_thresholds = np.full((NUM_CLASSES, count), 0.5 if threshold is None else threshold)
-    if recipe is not None and recipe.member_thresholds is not None and threshold is None:
-        member_thresholds = np.asarray(recipe.member_thresholds)[:, [recipe.member_names.index(n) for n in members]]
-    votes = None if min_votes is None else np.full(NUM_CLASSES, float(min_votes))
-    if votes is None and recipe is not None and recipe.min_votes is not None:
+        member_thresholds = np.full((NUM_CLASSES, count), threshold)
+    _check_threshold(thresholds, thresholds_from)
+    _check_threshold(member_thresholds, f"{recipe_where}: member_thresholds")
+    votes = None
+    if min_votes is not None:
+        if not (np.isfinite(min_votes) and min_votes > 0):
+            raise SegensError(f"--min-votes must be a finite number > 0, got {min_votes}")
+        votes = np.full(NUM_CLASSES, float(min_votes))
+    elif recipe is not None and recipe.min_votes is not None:
         votes = np.asarray(recipe.min_votes, dtype=np.float64)
-    if not ((0 <= thresholds) & (thresholds < 1)).all() or not ((0 <= member_thresholds) & (member_thresholds < 1)).all():
-        raise SegensError("thresholds must be in [0, 1): a pixel is kept when p > threshold")
-    if votes is not None and (votes <= 0).any():
-        raise SegensError("--min-votes must be > 0")
+        bad = ~(np.isfinite(votes) & (votes > 0))
+        if bad.any():
+            raise SegensError(f"{recipe_where}: min_votes of class {CLASSES[int(np.argmax(bad))]} must be a finite "
+                              f"number > 0, got {votes[bad][0]}")
     normalised = raw.astype(np.float32) if strategy == "hard" else normalise_weights(raw)
     postprocess = recipe.postprocess if recipe is not None else [[] for _ in CLASSES]
     return Settings(strategy, normalised, thresholds.astype(np.float32),
                     member_thresholds.astype(np.float32), votes, postprocess)
+
+
+def check_present_weights(settings: Settings, present: np.ndarray, keys: Sequence[str], members: Sequence[str]) -> None:
+    """With --allow-missing, the members present for an image must have a positive total weight in every class:
+    otherwise that class could only be empty (a SegensError naming the image, class and members)."""
+    patterns, first = np.unique(present, axis=0, return_index=True)
+    for pattern, index in zip(patterns, first):
+        totals = settings.weights[:, pattern].astype(np.float64).sum(axis=1)
+        if (totals <= 0).any():
+            channel = int(np.argmax(totals <= 0))
+            here = ", ".join(name for name, there in zip(members, pattern) if there)
+            raise SegensError(f"image {keys[index]!r}: the members present ({here}) all have weight 0 for class "
+                              f"{CLASSES[channel]}, so it could only be empty; give them weight, or predict the "
+                              "missing members for this image")
+
+
+def _check_threshold(values: np.ndarray, where: str) -> None:
+    """Thresholds (per class, or (class, member)) finite in [0, 1), also once rounded to float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = values.astype(np.float32)
+        bad = ~((values >= 0) & (values < 1) & (rounded < 1))
+    if bad.any():
+        index = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        raise SegensError(f"{where}: threshold {values[index]} (class {CLASSES[index[0]]}) must be a finite number in "
+                          "[0, 1): a pixel is kept when p > threshold")
 
 
 def normalise_weights(raw: np.ndarray) -> np.ndarray:
@@ -197,9 +246,21 @@ def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tup
             raise SegensError(f"{store.url}: split {store.split!r} differs from {first.url}'s {first.split!r}")
     if list(first.classes) != list(CLASSES):
         raise SegensError(f"{first.url}: its class list is not the competition's 29 classes")
-    key_sets = [set(store.keys()) for store in stores]
-    keys = sorted(set().union(*key_sets), key=lambda key: key + IMAGE_SUFFIX)
+    for store in stores[1:]:
+        if store.planned != first.planned:
+            only = sorted(set(store.planned) ^ set(first.planned))[0]
+            holder = first if only in first.planned else store
+            raise SegensError(f"{store.url}: planned for other images than {first.url} (e.g. {only!r} is planned "
+                              f"only in {holder.url}); predict every member on the same data root and split")
+    keys = sorted(first.planned, key=lambda key: key + IMAGE_SUFFIX)
+    check_unique_file_names(keys, first.url, IMAGE_SUFFIX)
+    key_sets = [store.completed() for store in stores]
     present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
+    nowhere = [key for key, row in zip(keys, present) if not row.any()]
+    if nowhere:
+        raise SegensError(f"image {nowhere[0]!r} (and {len(nowhere) - 1} more) is planned for these stores but "
+                          "complete in none of them (never written, killed mid-write, or its metadata is unreadable); "
+                          "run `ens predict-member` for the members to finish it: a submission may not miss an image")
     missing = {store.member: int((~present[:, m]).sum()) for m, store in enumerate(stores) if not present[:, m].all()}
     if missing and not allow_missing:
         m = next(index for index, store in enumerate(stores) if store.member in missing)
@@ -256,6 +317,7 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
     """
     started = time.perf_counter()
     check_backend(backend, scheduler)
+    check_jobs(jobs)
     if not store_urls:
         raise SegensError("give at least one store")
     check_outputs([Output(out, "file", "--out"), Output(masks_out, "store", "--masks-out")],
@@ -269,12 +331,14 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
             raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
     keys, present, missing = check_stores(stores, allow_missing)
     settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
+    check_present_weights(settings, present, keys, [store.member for store in stores])
     with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
         mask_store = None
         if masks_out is not None:
             masks_location = shared_location(masks_out, backend)
             mask_store = create_store(masks_location, "ensemble", "combined", stores[0].split,
-                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, overwrite=overwrite,
+                                      {"strategy": strategy, "members": [s.member for s in stores]}, {}, images=keys,
+                                      overwrite=overwrite,
                                       storage_options=store_options(masks_location, storage_options))
         tasks = (delayed(_combine_one)(stores, key, settings, present[index], mask_store)
                  for index, key in enumerate(keys))

@@ -18,15 +18,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from segens.atomic import atomic_write_text
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
+from segens.safeload import load_json, validate
 
 RECIPE_VERSION = 1
 STRATEGIES = ("soft", "weighted", "hard")
 POSTPROCESSING = ("largest_component", "fill_holes")
+MAX_RECIPE_BYTES = 16 << 20
+"""A recipe is a few KB; anything far larger is not one."""
+
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Threshold = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+Votes = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 @dataclass
@@ -54,63 +64,97 @@ class Recipe:
                 "search": self.search}
 
 
-def _matrix(value: Any, columns: int, name: str, where: str) -> list[list[float]] | None:
-    if value is None:
-        return None
-    if (not isinstance(value, list) or len(value) != NUM_CLASSES
-            or any(not isinstance(row, list) or len(row) != columns for row in value)):
-        raise SegensError(f"{where}: '{name}' must be {NUM_CLASSES} rows (one per class) of {columns} numbers")
-    return [[float(x) for x in row] for row in value]
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _vector(value: Any, name: str, where: str) -> list[float] | None:
+class RecipeMember(_Strict):
+    """One member of a recipe: its name and the sha256 of each fold's checkpoint."""
+
+    name: str = Field(min_length=1, max_length=256)
+    checkpoints: dict[str, str] = Field(default_factory=dict)
+
+
+class RecipeDocument(_Strict):
+    """The schema of recipe.json (strict types, finite numbers, no unknown fields); shapes checked after."""
+
+    version: Literal[1]
+    strategy: Literal["soft", "weighted", "hard"]
+    members: list[RecipeMember] = Field(min_length=1)
+    weights: list[list[Weight]] | None = None
+    thresholds: list[Threshold] | None = None
+    member_thresholds: list[list[Threshold]] | None = None
+    min_votes: list[Votes] | None = None
+    postprocess: list[list[Literal["largest_component", "fill_holes"]]] | None = None
+    oof_dice: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, Any] = Field(default_factory=dict)
+
+
+def _check_rows(value: list | None, columns: int | None, name: str, where: str) -> None:
+    """``value`` must hold one entry per class (and, with ``columns``, one number per member in each)."""
     if value is None:
-        return None
-    if not isinstance(value, list) or len(value) != NUM_CLASSES:
-        raise SegensError(f"{where}: '{name}' must be a list of {NUM_CLASSES} numbers, one per class")
-    return [float(x) for x in value]
+        return
+    if len(value) != NUM_CLASSES:
+        raise SegensError(f"{where}: '{name}' has {len(value)} entries; it needs {NUM_CLASSES}, one per class")
+    if columns is not None:
+        for channel, row in enumerate(value):
+            if len(row) != columns:
+                raise SegensError(f"{where}: '{name}' for class {CLASSES[channel]} has {len(row)} numbers; it needs "
+                                  f"{columns}, one per member")
+
+
+def check_class_weights(raw: np.ndarray, hard: bool, where: str) -> None:
+    """(29, M) weights must be finite and >= 0 with a positive, finite total per class; for hard voting (which
+    counts the weights as float32 votes) also within float32 range. A SegensError naming ``where`` and the class."""
+    raw = np.asarray(raw, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        used = raw.astype(np.float32).astype(np.float64) if hard else raw
+        totals = used.sum(axis=-1)
+    for channel in range(raw.shape[0]):
+        row, total = used[channel], totals[channel]
+        if not np.isfinite(raw[channel]).all() or (raw[channel] < 0).any():
+            raise SegensError(f"{where}: weights of class {CLASSES[channel]} must be finite numbers >= 0, got "
+                              f"{raw[channel].tolist()}")
+        if not np.isfinite(row).all() or not np.isfinite(total):
+            raise SegensError(f"{where}: weights of class {CLASSES[channel]} are too large (their total overflows); "
+                              "scale them down, only their ratios matter")
+        if not total > 0:
+            raise SegensError(f"{where}: weights of class {CLASSES[channel]} sum to 0; give at least one member a "
+                              "positive weight")
 
 
 def recipe_from_dict(document: Any, where: str) -> Recipe:
-    """Validate a recipe document; anything unknown is a SegensError naming ``where``."""
+    """Validate a recipe document against the schema; anything unknown, mistyped, non-finite, out of range or of
+    the wrong shape is a SegensError naming ``where`` and the field."""
     if not isinstance(document, dict) or document.get("version") != RECIPE_VERSION:
         version = document.get("version") if isinstance(document, dict) else None
-        raise SegensError(f"{where}: not a segens recipe of version {RECIPE_VERSION} (version {version!r})")
-    known = set(Recipe.__dataclass_fields__) | {"version"}
-    unknown = sorted(set(document) - known)
-    if unknown:
-        raise SegensError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    strategy = document.get("strategy")
-    if strategy not in STRATEGIES:
-        raise SegensError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    members = document.get("members")
-    if not isinstance(members, list) or not members or any(not isinstance(m, dict) or "name" not in m for m in members):
-        raise SegensError(f"{where}: 'members' must be a non-empty list of {{name, checkpoints}}")
-    count = len(members)
-    postprocess = document.get("postprocess") or [[] for _ in CLASSES]
-    if len(postprocess) != NUM_CLASSES or any(step not in POSTPROCESSING for steps in postprocess for step in steps):
-        raise SegensError(f"{where}: 'postprocess' must be {NUM_CLASSES} lists of steps from {', '.join(POSTPROCESSING)}")
+        raise SegensError(f"{where}: not a segens recipe of version {RECIPE_VERSION} (version {version!r}); "
+                          "write it with `ens search-weights`")
+    parsed = validate(RecipeDocument, document, where)
+    names = [member.name for member in parsed.members]
+    if len(set(names)) != len(names):
+        raise SegensError(f"{where}: 'members' names a member twice ({', '.join(names)}); each member once")
+    count = len(names)
+    _check_rows(parsed.weights, count, "weights", where)
+    _check_rows(parsed.thresholds, None, "thresholds", where)
+    _check_rows(parsed.member_thresholds, count, "member_thresholds", where)
+    _check_rows(parsed.min_votes, None, "min_votes", where)
+    _check_rows(parsed.postprocess, None, "postprocess", where)
+    if parsed.weights is not None:
+        check_class_weights(np.array(parsed.weights), parsed.strategy == "hard", where)
     return Recipe(
-        strategy=strategy, members=members,
-        weights=_matrix(document.get("weights"), count, "weights", where),
-        thresholds=_vector(document.get("thresholds"), "thresholds", where),
-        member_thresholds=_matrix(document.get("member_thresholds"), count, "member_thresholds", where),
-        min_votes=_vector(document.get("min_votes"), "min_votes", where),
-        postprocess=[list(steps) for steps in postprocess],
-        oof_dice=dict(document.get("oof_dice") or {}), search=dict(document.get("search") or {}),
+        strategy=parsed.strategy, members=[member.model_dump() for member in parsed.members],
+        weights=parsed.weights, thresholds=parsed.thresholds, member_thresholds=parsed.member_thresholds,
+        min_votes=parsed.min_votes,
+        postprocess=[list(steps) for steps in parsed.postprocess or [[] for _ in CLASSES]],
+        oof_dice=dict(parsed.oof_dice), search=dict(parsed.search),
     )
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate recipe.json."""
+    """Read (bounded, UTF-8, see segens.safeload) and validate recipe.json."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except OSError as exc:
-        raise SegensError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise SegensError(f"{path}: malformed JSON ({exc})") from None
-    return recipe_from_dict(document, str(path))
+    return recipe_from_dict(load_json(path, "recipe", MAX_RECIPE_BYTES), str(path))
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:

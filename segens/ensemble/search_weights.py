@@ -3,6 +3,7 @@ a per-class report CSV and, on request, a plot."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options
+from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.dataset import discover
 from segens.ensemble.combine import check_stores
@@ -25,6 +26,8 @@ from segens.outputs import Output, check_outputs
 from segens.progress import progress_bar
 
 METHODS = ("grid", "caruana")
+MAX_GRID_CANDIDATES = 50_000
+"""Weight-grid candidates per class a search may score (step 0.1 with 3 members: 66; 0.02 with 4: 23,426)."""
 
 
 def _one_class(stores, records, channel, strategy, step, method, folds_of_images, postprocess) -> ClassResult:
@@ -55,6 +58,17 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
     return recipe
 
 
+def check_grid_size(step: float, members: int) -> int:
+    """The number of weight-grid candidates of ``step`` for ``members`` members, refused (a SegensError) when
+    above MAX_GRID_CANDIDATES, before any work."""
+    parts = max(1, int(round(1 / step)))
+    count = math.comb(parts + members - 1, members - 1)
+    if count > MAX_GRID_CANDIDATES:
+        raise SegensError(f"--step {step} with {members} members makes {count:,} weight candidates per class (at most "
+                          f"{MAX_GRID_CANDIDATES:,}); use a larger --step")
+    return count
+
+
 def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_path: str | Path | None,
                    out: str | Path, strategy: str = "weighted", step: float = 0.1, method: str = "grid",
                    cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
@@ -72,19 +86,22 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     opened with ``storage_options``) and the labels under ``root`` (the same path on every machine) themselves.
     """
     check_backend(backend, scheduler)
+    check_jobs(jobs)
     check_outputs([Output(out, "file", "--out"), Output(partial_root(out), "folder", "--out's resume folder", True),
                    *also_written], inputs=[*store_urls, folds_path, root], overwrite=overwrite)
     if strategy not in ("soft", "weighted", "hard"):
         raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not 0 < step <= 0.5:
-        raise SegensError(f"--step must be in (0, 0.5], got {step}")
+    if not 0 < step <= 0.5:  # NaN fails too
+        raise SegensError(f"--step must be a number in (0, 0.5], got {step}")
     locations = [shared_location(url, backend) for url in store_urls]
     stores = [open_store(location, store_options(location, storage_options)) for location in locations]
     if any(store.split != "oof" for store in stores):
         raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
                           "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
+    if strategy == "weighted":  # the only strategy that scores a weight grid
+        check_grid_size(step, len(stores))
     keys, _, _ = check_stores(stores, allow_missing=False)
     records_by_key = discover(Path(root).resolve() if backend == "dask" else root, "train").by_key()
     missing = [key for key in keys if key not in records_by_key]

@@ -21,12 +21,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from segens.atomic import atomic_write_text
 from segens.dataset import ImageRecord, discover
 from segens.errors import SegensError
+from segens.safeload import load_json, validate
 
 VERSION = 1
 METHODS = ("group", "stratified-group")
@@ -34,6 +37,7 @@ STRATIFY_COLUMNS = ("age", "sex", "weight", "height", "bmi")
 METADATA_NAME = "meta_data.xlsx"
 UNKNOWN = "unknown"
 MAX_QUANTILE_BINS = 4
+MAX_FOLDS = 1000
 # WHO adult BMI classes; clinically meaningful, unlike quantiles of a small sample.
 BMI_EDGES = (18.5, 25.0, 30.0)
 BMI_LABELS = ("<18.5", "18.5-25", "25-30", ">=30")
@@ -293,52 +297,57 @@ def load_folds(path: str | Path, root: str | Path | None = None) -> Folds:
 
 
 def _read_json(path: Path) -> dict:
+    """The folds.json document: bounded, UTF-8 (BOM accepted), nesting-limited (segens.safeload)."""
+    if not path.exists():
+        raise SegensError(f"{path}: folds file not found; make one with `ens folds make ROOT --out {path}`")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SegensError(f"{path}: folds file not found; make one with `ens folds make ROOT --out {path}`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SegensError(f"{path}: not a readable folds.json ({exc}); {_REMAKE}") from None
+        document = load_json(path, "folds.json")
+    except SegensError as exc:
+        detail = str(exc).removeprefix(f"{path}: ")
+        raise SegensError(f"{path}: not a readable folds.json ({detail}); {_REMAKE}") from None
     if not isinstance(document, dict):
         raise SegensError(f"{path}: not a folds.json (expected a JSON object); {_REMAKE}")
     return document
 
 
+class FoldsDocument(BaseModel):
+    """The schema of folds.json: strict types (a JSON true is not a k, seed or fold), no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: Literal[1]
+    k: int = Field(ge=2, le=MAX_FOLDS)
+    method: Literal["group", "stratified-group"]
+    stratify: Literal["age", "sex", "weight", "height", "bmi"] | None = None
+    seed: int
+    shuffle: bool
+    sklearn_version: str | None = Field(default=None, max_length=64)
+    image_list_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bins: list[Annotated[str, Field(max_length=256)]] | None = None
+    strata: dict[str, Annotated[str, Field(max_length=256)]] | None = None
+    folds: dict[str, int]
+
+
 def _parse(document: dict, path: Path) -> Folds:
-    """A Folds from the JSON document, checking the version and each field's type."""
+    """A Folds from the JSON document, checking the version, then every field against FoldsDocument."""
     version = document.get("version")
     if version != VERSION:
         raise SegensError(
             f"{path}: unknown folds.json version {version!r} (this segens reads version {VERSION}); "
             f"{_REMAKE} with this segens"
         )
-
-    def field_of(name: str, kind: type, nullable: bool = False):
-        value = document.get(name)
-        if value is None and nullable:
-            return None
-        # bool is a subclass of int: a JSON true is not a valid k or seed.
-        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-            return value
-        raise SegensError(f"{path}: field {name!r} is missing or not a {kind.__name__} ({value!r}); {_REMAKE}")
-
-    k = field_of("k", int)
-    method = field_of("method", str)
-    if method not in METHODS:
-        raise SegensError(f"{path}: unknown method {method!r} (known: {', '.join(METHODS)}); {_REMAKE}")
-    assignment = field_of("folds", dict)
-    bad = [key for key, fold in assignment.items() if not isinstance(fold, int) or isinstance(fold, bool)]
-    if bad:
-        raise SegensError(f"{path}: image {bad[0]} has fold {assignment[bad[0]]!r}, not an integer; {_REMAKE}")
-    stratify = field_of("stratify", str, nullable=True)
-    strata = field_of("strata", dict, nullable=True)
-    if (method == "stratified-group") != (stratify is not None) or (stratify is None) != (strata is None):
-        raise SegensError(f"{path}: method {method!r}, stratify {stratify!r} and strata do not agree; {_REMAKE}")
+    try:
+        parsed = validate(FoldsDocument, document, path)
+    except SegensError as exc:
+        raise SegensError(f"{exc}; {_REMAKE}") from None
+    if (parsed.method == "stratified-group") != (parsed.stratify is not None) or \
+            (parsed.stratify is None) != (parsed.strata is None):
+        raise SegensError(f"{path}: method {parsed.method!r}, stratify {parsed.stratify!r} and strata do not agree; "
+                          f"{_REMAKE}")
     return Folds(
-        k=k, method=method, stratify=stratify, seed=field_of("seed", int),
-        assignment=dict(assignment), image_list_sha256=field_of("image_list_sha256", str),
-        shuffle=field_of("shuffle", bool), sklearn_version=field_of("sklearn_version", str, nullable=True),
-        bins=field_of("bins", list, nullable=True), strata=None if strata is None else dict(strata), source=path,
+        k=parsed.k, method=parsed.method, stratify=parsed.stratify, seed=parsed.seed, assignment=dict(parsed.folds),
+        image_list_sha256=parsed.image_list_sha256, shuffle=parsed.shuffle, sklearn_version=parsed.sklearn_version,
+        bins=parsed.bins, strata=parsed.strata, source=path,
     )
 
 

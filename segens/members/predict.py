@@ -133,7 +133,8 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
         jobs_planned, checkpoints = [(record, ()) for record in records], member.checkpoints_for(split)
     location = shared_location(out, backend)
     with parallel_backend(backend, scheduler) as client:  # reach the cluster before anything is written
-        store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), checkpoints, overwrite=overwrite,
+        store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), checkpoints,
+                             images=[record.key for record, _ in jobs_planned], overwrite=overwrite,
                              storage_options=store_options(location, storage_options))
         done = store.completed()
         todo = [job for job in jobs_planned if job[0].key not in done]

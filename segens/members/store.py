@@ -1,24 +1,34 @@
 """The probability store: one zarr v3 group per member and split. The only reader and writer of the format.
 
 ```
-<member>.<split>.zarr/            group attributes: format, version, member, kind, split, classes,
-  zarr.json                         quantization, spec, checkpoints {fold: {path, sha256}}
+<member>.<split>.zarr/            group attributes: format, version (2), member, kind, split, classes,
+  zarr.json                         quantization, spec, input (the member's input contract, or null),
+                                    checkpoints {fold: {path, sha256}}, images (the planned image keys, sorted)
   ID001/                          one nested group per directory of the image key
     image1661130828152_R/         one array per image: (29, H, W) uint8, p = v / 255, chunks (1, 512, 512),
       zarr.json                     blosc; all-zero chunks are never written; attributes height, width,
-      c/<class>/<row>/<col>         boxes (per class [row0, row1, col0, col1] half-open, or null) and
-                                    "complete": true, written last
+      c/<class>/<row>/<col>         boxes (per class [row0, row1, col0, col1] half-open, or null), chunks (per
+                                    class the [row, col, crc32] of every chunk written) and "complete": true,
+                                    written last
 ```
 An image whose array lacks the completion marker does not exist for readers and is rewritten by writers, so a
 killed run resumed gives the same bytes as an uninterrupted one. Writers of disjoint images may run at once.
 Everything written is deterministic (no times, no host names). Paths may be local or fsspec URLs.
+
+Every read is verified: the array's metadata must be this format's, the boxes must lie inside the image and
+cover every chunk written, every listed chunk must be there with its crc32, no unlisted chunk may be there, and a
+decoded chunk must be zero outside its class's box. A store that fails any check is an error naming the store,
+image and class, never zeros read in silence. The planned image list lets readers tell an unfinished store (an
+image planned but not complete) from a finished one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +37,7 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
 from segens.classes import CLASSES, NUM_CLASSES
@@ -36,7 +47,7 @@ if TYPE_CHECKING:  # segens.rle imports numba, slow to start in worker processes
     from segens.rle import BBox
 
 FORMAT = "segens-probability-store"
-VERSION = 1
+VERSION = 2
 SPLITS = ("oof", "test")
 SCALE = 255
 QUANTIZATION = {"dtype": "uint8", "scale": SCALE}
@@ -103,9 +114,12 @@ class ProbabilityStore:
         self.split: str = attributes["split"]
         self.classes: tuple[str, ...] = tuple(attributes["classes"])
         self.spec: dict[str, Any] = attributes["spec"]
+        self.input: dict[str, Any] | None = attributes.get("input")
+        self.planned: tuple[str, ...] = tuple(attributes["images"])
+        self._planned_set = frozenset(self.planned)
         self.checkpoints: dict[int, dict[str, Any]] = {int(f): c for f, c in attributes["checkpoints"].items()}
         self._zarr_store = _make_store(url, storage_options, read_only=not writable)
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, _Image] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url, "attributes": self.attributes, "writable": self.writable,
@@ -122,24 +136,35 @@ class ProbabilityStore:
     def write_image(self, key: str, probs: np.ndarray, boxes: list[BBox | None] | None = None) -> None:
         """Write one image's (29, H, W) uint8 probabilities, replacing any earlier (complete or not) array.
 
-        ``boxes`` (as from ``logits_to_uint8``) must contain every non-zero value; computed when None.
+        ``boxes`` (as from ``logits_to_uint8``) must contain every non-zero value; computed when None. The key
+        must be one of the store's planned images.
         """
         if not self.writable:
             raise SegensError(f"{self.url}: store was opened read-only; open it with create_store to write")
         _check_key(key, self.url)
+        if key not in self._planned_set:
+            raise SegensError(f"{self.url}: image {key!r} is not among the {len(self.planned)} images this store "
+                              "was created for; write it into a store created for this split's images")
         _check_probs(probs, key, self.url)
         boxes = image_boxes(probs) if boxes is None else _check_boxes(boxes, probs.shape, key)
         self._arrays.pop(key, None)
         _, height, width = probs.shape
         chunks = (1, min(CHUNK_SIDE, height), min(CHUNK_SIDE, width))
+        blobs = {(channel, rows.start // chunks[1], cols.start // chunks[2]): _encode_chunk(probs[channel, rows, cols],
+                                                                                           chunks[1:])
+                 for channel, rows, cols in _nonzero_chunks(probs, boxes, chunks[1:])}
+        written: list[list[list[int]]] = [[] for _ in range(NUM_CLASSES)]
+        for (channel, row, col), blob in blobs.items():
+            written[channel].append([row, col, zlib.crc32(blob)])
         array = zarr.create_array(
             self._zarr_store, name=key, shape=probs.shape, dtype="uint8", fill_value=0, chunks=chunks,
             compressors=COMPRESSOR, dimension_names=("class", "row", "col"), overwrite=True, config=_ARRAY_CONFIG,
-            attributes={"height": height, "width": width, "boxes": [_box_json(box) for box in boxes]},
+            attributes={"height": height, "width": width, "boxes": [_box_json(box) for box in boxes],
+                        "chunks": written},
         )
-        writes = [array.async_array.setitem((channel, rows, cols), probs[channel, rows, cols])
-                  for channel, rows, cols in _nonzero_chunks(probs, boxes, chunks[1:])]
-        sync(_gather(writes))
+        # the chunks are encoded here (the bytes zarr's BloscCodec writes) so that their crc32 can be recorded
+        sync(_gather([self._zarr_store.set(f"{key}/c/{channel}/{row}/{col}", Buffer.from_bytes(blob))
+                      for (channel, row, col), blob in blobs.items()]))
         array.update_attributes({"complete": True})  # the marker, last
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -152,30 +177,33 @@ class ProbabilityStore:
         """Completed image keys in submission order (sorted as strings)."""
         return sorted(self.completed())
 
+    def missing(self) -> list[str]:
+        """Planned image keys that are not complete (never written, killed mid-write, or unreadable metadata)."""
+        done = self.completed()
+        return [key for key in self.planned if key not in done]
+
     def __contains__(self, key: str) -> bool:
         try:
-            self._array(key)
+            self._image(key)
         except SegensError:
             return False
         return True
 
     def image_size(self, key: str) -> tuple[int, int]:
         """(height, width) of an image at its original size."""
-        attributes = self._array(key).attrs
-        return int(attributes["height"]), int(attributes["width"])
+        return self._image(key).size
 
     def boxes(self, key: str) -> list[BBox | None]:
         """Per-class bounding box (row0, row1, col0, col1), half-open, of the non-zero values, or None."""
-        return [None if box is None else tuple(box) for box in self._array(key).attrs["boxes"]]
+        return list(self._image(key).boxes)
 
     def read(self, key: str) -> np.ndarray:
         """(29, H, W) uint8 probabilities of an image (p = v / 255); reads only the chunks under the boxes."""
-        array = self._array(key)
-        out = np.zeros(array.shape, dtype=np.uint8)
-        boxes = [(channel, box) for channel, box in enumerate(self.boxes(key)) if box is not None]
-        values = sync(_gather([array.async_array.getitem(_box_selection(channel, box)) for channel, box in boxes]))
-        for (channel, box), value in zip(boxes, values):
-            out[_box_selection(channel, box)] = value
+        image = self._image(key)
+        out = np.zeros((NUM_CLASSES, *image.size), dtype=np.uint8)
+        for channel, box in enumerate(image.boxes):
+            if box is not None:
+                out[_box_selection(channel, box)] = self.read_region(key, channel, box)
         return out
 
     def read_float(self, key: str) -> np.ndarray:
@@ -200,32 +228,65 @@ class ProbabilityStore:
         box = self.boxes(key)[channel]
         if box is None:
             return None, np.zeros((0, 0), dtype=np.uint8)
-        return box, self._array(key)[channel, box[0]:box[1], box[2]:box[3]]
+        return box, self.read_region(key, channel, box)
 
     def read_region(self, key: str, channel: int, box: BBox) -> np.ndarray:
         """uint8 values of one class inside any box (row0, row1, col0, col1); zeros where nothing was written,
-        read only from the chunks the box touches.
+        read only from the chunks the box touches, each verified (see the module docstring).
 
-        The chunks of this format's layout are fetched at once and decoded by blosc directly: zarr's per-chunk
-        overhead (about 0.5 ms) was most of ``ens combine``'s time. Any other layout goes through zarr.
+        The chunks are fetched at once and decoded by blosc directly: zarr's per-chunk overhead (about 0.5 ms)
+        was most of ``ens combine``'s time.
         """
-        array = self._array(key)
-        codecs = [type(codec).__name__ for codec in array.metadata.codecs]
-        if codecs != ["BytesCodec", "BloscCodec"] or array.metadata.chunk_key_encoding.separator != "/":
-            return array[channel, box[0]:box[1], box[2]:box[3]]
-        _, side_r, side_c = array.chunks
+        image = self._image(key)
+        height, width = image.size
+        if not (0 <= box[0] < box[1] <= height and 0 <= box[2] < box[3] <= width):
+            raise SegensError(f"{self.url}: image {key!r}: region {tuple(box)!r} is not inside {height}x{width}")
+        side_r, side_c = image.chunk_shape
+        class_box = image.boxes[channel]
+        written = image.chunks[channel]
         out = np.zeros((box[1] - box[0], box[3] - box[2]), np.uint8)
         names = [(r, c) for r in range(box[0] // side_r, (box[1] - 1) // side_r + 1)
                  for c in range(box[2] // side_c, (box[3] - 1) // side_c + 1)]
         for (r, c), blob in zip(names, self._chunk_bytes([f"{key}/c/{channel}/{r}/{c}" for r, c in names])):
-            if blob is None:
+            chunk = self._verified_chunk(key, channel, (r, c), blob, written.get((r, c)), class_box, image)
+            if chunk is None:
                 continue  # never written: zeros
-            chunk = np.frombuffer(_BLOSC.decode(blob), np.uint8).reshape(side_r, side_c)
             r0, r1 = max(box[0], r * side_r), min(box[1], (r + 1) * side_r)
             c0, c1 = max(box[2], c * side_c), min(box[3], (c + 1) * side_c)
             out[r0 - box[0]:r1 - box[0], c0 - box[2]:c1 - box[2]] = \
                 chunk[r0 - r * side_r:r1 - r * side_r, c0 - c * side_c:c1 - c * side_c]
         return out
+
+    def _verified_chunk(self, key: str, channel: int, position: tuple[int, int], blob: bytes | None,
+                        crc: int | None, class_box: BBox | None, image: _Image) -> np.ndarray | None:
+        """The decoded (rows, cols) chunk, None for one never written; a SegensError for anything else."""
+        where = f"{self.url}: image {key!r}, class {self.classes[channel]!r}, chunk {position}"
+        fix = f"; rewrite the image with `ens predict-member` for member {self.member!r} (or restore the store)"
+        if blob is None:
+            if crc is not None:
+                raise SegensError(f"{where}: the chunk is missing from the store{fix}")
+            return None
+        if crc is None:
+            raise SegensError(f"{where}: a chunk is there that the image's metadata does not list{fix}")
+        if zlib.crc32(blob) != crc:
+            raise SegensError(f"{where}: the chunk's checksum differs from the one recorded (corrupt){fix}")
+        side_r, side_c = image.chunk_shape
+        try:
+            chunk = np.frombuffer(_BLOSC.decode(blob), np.uint8)
+        except (RuntimeError, ValueError) as exc:  # numcodecs' blosc raises these for damaged frames
+            raise SegensError(f"{where}: the chunk cannot be decoded ({exc}){fix}") from None
+        if chunk.size != side_r * side_c:
+            raise SegensError(f"{where}: the chunk decodes to {chunk.size} values, not {side_r}x{side_c}{fix}")
+        chunk = chunk.reshape(side_r, side_c)
+        assert class_box is not None  # a listed chunk has a box covering it (checked when the image was opened)
+        r, c = position
+        r0, r1 = (min(max(edge - r * side_r, 0), side_r) for edge in class_box[:2])
+        c0, c1 = (min(max(edge - c * side_c, 0), side_c) for edge in class_box[2:])
+        outside = (chunk[:r0], chunk[r1:], chunk[r0:r1, :c0], chunk[r0:r1, c1:])
+        if any(part.size and part.max() for part in outside):
+            raise SegensError(f"{where}: values lie outside the class's recorded box {class_box} (the image's "
+                              f"metadata was altered){fix}")
+        return chunk
 
     def _chunk_bytes(self, names: list[str]) -> list[bytes | None]:
         """The stored bytes of chunk keys (None where absent): plain file reads for a local store, where a
@@ -236,7 +297,7 @@ class ProbabilityStore:
             for name in names:
                 try:
                     blobs.append((root / name).read_bytes())
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     blobs.append(None)
             return blobs
         prototype = default_buffer_prototype()
@@ -245,27 +306,91 @@ class ProbabilityStore:
 
     def nbytes_stored(self, key: str) -> int:
         """Bytes the image takes in the store: its compressed chunks and its metadata."""
-        return int(self._array(key).nbytes_stored())
+        self._image(key)
+        return int(zarr.open_array(self._zarr_store, path=key, mode="r", zarr_format=3).nbytes_stored())
 
-    def _array(self, key: str) -> zarr.Array:
-        """The opened array of a completed image; a SegensError if it is missing or incomplete."""
-        array = self._arrays.get(key)
-        if array is None:
+    def _image(self, key: str) -> _Image:
+        """A completed image's verified metadata; a SegensError if it is missing, incomplete or malformed."""
+        image = self._arrays.get(key)
+        if image is None:
             _check_key(key, self.url)
-            try:
-                array = zarr.open_array(self._zarr_store, path=key, mode="r" if not self.writable else "r+",
-                                        zarr_format=3)
-            except (FileNotFoundError, KeyError, ValueError, TypeError):  # zarr's not-found errors are ValueErrors
-                array = None
-            if array is None or array.attrs.get("complete") is not True:
+            document = sync(_get_json(self._zarr_store, f"{key}/zarr.json"))
+            if document is None or document.get("node_type") != "array" \
+                    or (document.get("attributes") or {}).get("complete") is not True:
                 raise SegensError(
-                    f"{self.url}: image {key!r} is not in the store (or its write did not finish); "
-                    f"run `ens predict-member` for member {self.member!r} to (re)write it"
+                    f"{self.url}: image {key!r} is not in the store (or its write did not finish, or its metadata "
+                    f"is unreadable); run `ens predict-member` for member {self.member!r} to (re)write it"
                 )
+            image = _Image.from_metadata(document, f"{self.url}: image {key!r}", self.classes)
             if len(self._arrays) >= _MAX_OPEN_ARRAYS:
                 self._arrays.clear()
-            self._arrays[key] = array
-        return array
+            self._arrays[key] = image
+        return image
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One image's metadata, checked: size, chunk shape, per-class boxes and written chunks {(row, col): crc32}."""
+
+    size: tuple[int, int]
+    chunk_shape: tuple[int, int]
+    boxes: tuple[BBox | None, ...]
+    chunks: tuple[dict[tuple[int, int], int], ...]
+
+    @classmethod
+    def from_metadata(cls, document: dict[str, Any], where: str, classes: Sequence[str]) -> _Image:
+        """Validate an array's zarr.json against this format; a SegensError naming ``where`` (and the class)."""
+        fix = "; the store was altered or damaged: rewrite the image with `ens predict-member`"
+        attributes = document.get("attributes") or {}
+        height, width = attributes.get("height"), attributes.get("width")
+        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+            raise SegensError(f"{where}: height/width {height!r}x{width!r} are not positive integers{fix}")
+        chunk_shape = (1, min(CHUNK_SIDE, height), min(CHUNK_SIDE, width))
+        grid = ((document.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
+        codecs = [codec.get("name") for codec in document.get("codecs") or [] if isinstance(codec, dict)]
+        separator = (((document.get("chunk_key_encoding") or {}).get("configuration") or {}).get("separator"))
+        if document.get("shape") != [NUM_CLASSES, height, width] or document.get("data_type") != "uint8" \
+                or grid != list(chunk_shape) or codecs != ["bytes", "blosc"] or separator != "/":
+            raise SegensError(f"{where}: the array's metadata is not this store format's (shape "
+                              f"{document.get('shape')}, dtype {document.get('data_type')}, chunks {grid}, codecs "
+                              f"{codecs}){fix}")
+        raw_boxes, raw_chunks = attributes.get("boxes"), attributes.get("chunks")
+        if not isinstance(raw_boxes, list) or len(raw_boxes) != NUM_CLASSES \
+                or not isinstance(raw_chunks, list) or len(raw_chunks) != NUM_CLASSES:
+            raise SegensError(f"{where}: boxes and chunks must list {NUM_CLASSES} classes each{fix}")
+        boxes: list[BBox | None] = []
+        chunks: list[dict[tuple[int, int], int]] = []
+        for channel, (box, listed) in enumerate(zip(raw_boxes, raw_chunks)):
+            here = f"{where}, class {classes[channel]!r}"
+            if box is not None and not (isinstance(box, list) and len(box) == 4 and all(map(_is_int, box))
+                                        and 0 <= box[0] < box[1] <= height and 0 <= box[2] < box[3] <= width):
+                raise SegensError(f"{here}: box {box!r} is not [row0, row1, col0, col1] inside {height}x{width}{fix}")
+            written: dict[tuple[int, int], int] = {}
+            for entry in listed if isinstance(listed, list) else [None]:
+                if not (isinstance(entry, list) and len(entry) == 3 and all(map(_is_int, entry))):
+                    raise SegensError(f"{here}: chunk entry {entry!r} is not [row, col, crc32]{fix}")
+                row, col, crc = entry
+                if box is None or not (box[0] // chunk_shape[1] <= row <= (box[1] - 1) // chunk_shape[1]
+                                       and box[2] // chunk_shape[2] <= col <= (box[3] - 1) // chunk_shape[2]):
+                    raise SegensError(f"{here}: written chunk ({row}, {col}) lies outside the recorded box "
+                                      f"{box!r}{fix}")
+                written[(row, col)] = crc
+            boxes.append(None if box is None else tuple(box))
+            chunks.append(written)
+        return cls((height, width), chunk_shape[1:], tuple(boxes), tuple(chunks))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _encode_chunk(values: np.ndarray, chunk_shape: tuple[int, int]) -> bytes:
+    """One chunk's stored bytes, as zarr's BytesCodec + BloscCodec write them (edge chunks padded with zeros)."""
+    if values.shape != chunk_shape:
+        padded = np.zeros(chunk_shape, np.uint8)
+        padded[:values.shape[0], :values.shape[1]] = values
+        values = padded
+    return bytes(_BLOSC.encode(np.ascontiguousarray(values)))
 
 
 # ---- opening and creating ----------------------------------------------------------------------------------
@@ -286,19 +411,20 @@ def open_store(url: str | Path, storage_options: dict[str, Any] | None = None) -
 
 
 def create_store(url: str | Path, member_name: str, kind: str, split: str, spec: dict[str, Any],
-                 checkpoints: dict[int, dict[str, Any]], overwrite: bool = False,
+                 checkpoints: dict[int, dict[str, Any]], *, images: Sequence[str], overwrite: bool = False,
                  storage_options: dict[str, Any] | None = None) -> ProbabilityStore:
     """Create a store for writing, or reopen one of the same identity to resume it.
 
-    ``checkpoints`` maps fold -> {"path", "sha256"}. A store of another identity (member, kind, split, spec,
-    checkpoint hashes) is replaced only with ``overwrite``; a path holding anything else is never replaced.
-    Call it once before starting workers and hand them the (picklable) store: with ``overwrite`` a late caller
-    would delete what others wrote.
+    ``checkpoints`` maps fold -> {"path", "sha256"}; ``images`` are the keys of every image the store is for (its
+    planned list: readers tell a finished store from an unfinished one by it). A store of another identity
+    (member, kind, split, spec, input contract, checkpoint hashes, planned images) is replaced only with
+    ``overwrite``; a path holding anything else is never replaced. Call it once before starting workers and hand
+    them the (picklable) store: with ``overwrite`` a late caller would delete what others wrote.
     """
     url = str(url)
     if split not in SPLITS:
         raise SegensError(f"{url}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-    attributes = _store_attributes(member_name, kind, split, spec, checkpoints)
+    attributes = _store_attributes(member_name, kind, split, spec, checkpoints, images, url)
     zarr_store = _make_store(url, storage_options, read_only=False)
     existing = _root_attributes(zarr_store)
     if existing is None:
@@ -322,15 +448,25 @@ def create_store(url: str | Path, member_name: str, kind: str, split: str, spec:
 
 
 def _store_attributes(member_name: str, kind: str, split: str, spec: dict[str, Any],
-                      checkpoints: dict[int, dict[str, Any]]) -> dict[str, Any]:
+                      checkpoints: dict[int, dict[str, Any]], images: Sequence[str], url: str) -> dict[str, Any]:
     """The group attributes, as JSON round-trips them (so a comparison with a stored copy is exact)."""
     folds = {}
     for fold, checkpoint in sorted(checkpoints.items()):
         if "path" not in checkpoint or "sha256" not in checkpoint:
             raise SegensError(f"member {member_name!r}: checkpoint of fold {fold} needs 'path' and 'sha256'")
         folds[str(int(fold))] = {"path": str(checkpoint["path"]), "sha256": str(checkpoint["sha256"])}
+    if isinstance(images, str):
+        raise SegensError(f"{url}: images must be a list of image keys, not one string")
+    planned = sorted(images)
+    for key in planned:
+        _check_key(key, url)
+    if len(set(planned)) != len(planned):
+        repeated = next(key for key, after in zip(planned, planned[1:]) if key == after)
+        raise SegensError(f"{url}: image {repeated!r} is planned twice; each image key once")
+    contract = spec.get("input") if isinstance(spec, dict) else None
     attributes = {"format": FORMAT, "version": VERSION, "member": member_name, "kind": kind, "split": split,
-                  "classes": list(CLASSES), "quantization": QUANTIZATION, "spec": spec, "checkpoints": folds}
+                  "classes": list(CLASSES), "quantization": QUANTIZATION, "spec": spec, "input": contract,
+                  "checkpoints": folds, "images": planned}
     try:
         return json.loads(json.dumps(attributes, default=str))
     except (TypeError, ValueError) as exc:
@@ -343,12 +479,24 @@ def _identity(attributes: dict[str, Any]) -> dict[str, Any]:
     hashes = {fold: c.get("sha256") for fold, c in (attributes.get("checkpoints") or {}).items()}
     return {"version": attributes.get("version"), "member": attributes.get("member"), "kind": attributes.get("kind"),
             "split": attributes.get("split"), "classes": attributes.get("classes"),
-            "quantization": attributes.get("quantization"), "spec": spec, "checkpoint sha256": hashes}
+            "quantization": attributes.get("quantization"), "spec": spec, "input": attributes.get("input"),
+            "checkpoint sha256": hashes, "planned images": attributes.get("images")}
 
 
 def _identity_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     old, new = _identity(existing), _identity(wanted)
-    return [f"{name}: {old[name]!r} there, {new[name]!r} now" for name in new if old[name] != new[name]]
+    differences = []
+    for name in new:
+        if old[name] == new[name]:
+            continue
+        if name == "planned images":
+            there, now = set(old[name] or []), set(new[name] or [])
+            example = sorted(now - there)[:1] or sorted(there - now)[:1]
+            differences.append(f"planned images: {len(there)} there, {len(now)} now (e.g. {example[0]!r} differs)"
+                               if example else "planned images differ")
+        else:
+            differences.append(f"{name}: {old[name]!r} there, {new[name]!r} now")
+    return differences
 
 
 def _check_format(attributes: dict[str, Any], url: str) -> None:
@@ -361,6 +509,15 @@ def _check_format(attributes: dict[str, Any], url: str) -> None:
         )
     if attributes.get("quantization") != QUANTIZATION or attributes.get("classes") != list(CLASSES):
         raise SegensError(f"{url}: store has another quantization or class list than this segens; rewrite it")
+    for name, kind in (("member", str), ("kind", str), ("split", str), ("spec", dict), ("checkpoints", dict),
+                       ("images", list)):
+        if not isinstance(attributes.get(name), kind):
+            raise SegensError(f"{url}: the store's attribute {name!r} is missing or malformed; rewrite the store "
+                              "with `ens predict-member --overwrite`")
+    if attributes["split"] not in SPLITS or not all(isinstance(key, str) for key in attributes["images"]) \
+            or not all(isinstance(c, dict) and "sha256" in c for c in attributes["checkpoints"].values()):
+        raise SegensError(f"{url}: the store's split, planned images or checkpoints are malformed; rewrite the "
+                          "store with `ens predict-member --overwrite`")
 
 
 def _make_store(url: str, storage_options: dict[str, Any] | None, read_only: bool) -> zarr.abc.store.Store:
