@@ -56,7 +56,7 @@ MEMORY_LIMIT = 0.10  # the 300-image peak RSS may exceed the 20-image peak by at
 def ours(stores: Sequence[Path], out: Path) -> None:
     """segens: ``ens combine --strategy weighted --weights ... --threshold ...``."""
     combine([str(path) for path in stores], out, strategy="weighted", weights=WEIGHTS, threshold=THRESHOLD,
-            jobs=1, progress=False)
+            jobs=1, progress=False, overwrite=True)  # each repeat replaces the last one's CSV
 
 
 def baseline(stores: Sequence[Path], members: Sequence[str], out: Path) -> None:
@@ -88,7 +88,7 @@ def child_ours(stores: Sequence[Path], out: Path) -> dict[str, Any]:
     """Ours on ``stores`` in a fresh interpreter: seconds, images, peak RSS."""
     code = (f"import json\nfrom segens.ensemble.combine import combine\n"
             f"s = combine({[str(p) for p in stores]!r}, {str(out)!r}, strategy='weighted', weights={WEIGHTS!r}, "
-            f"threshold={THRESHOLD!r}, jobs=1, progress=False)\n"
+            f"threshold={THRESHOLD!r}, jobs=1, progress=False, overwrite=True)\n"
             f"print(json.dumps({{'seconds': s.seconds, 'images': s.images}}))")
     return run_python(code)
 
