@@ -299,7 +299,8 @@ def test_a_killed_combine_leaves_no_partial_csv(tmp_path: Path) -> None:
             seen_part = True
             break
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert seen_part, f"the combine never started writing its CSV (exit status {process.returncode})"
     assert process.returncode == -signal.SIGKILL  # killed mid-write, not finished or failed on its own
