@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
@@ -195,15 +196,53 @@ def test_recipe_round_trip_into_combine(project: Path, tmp_path: Path, strategy:
             assert result.oof_dice >= max(result.member_dice) - 1e-12
 
 
+SPURIOUS = range(0, 10)  # classes given a false blob far from the bone: keeping the largest component helps
+HOLED = range(19, 29)  # classes given a hole inside the bone (the larger bones): filling holes helps
+
+
+def defective_maps(truth: np.ndarray) -> np.ndarray:
+    """(29, H, W) uint8: the truth, blurred a little, plus a 3x3 false blob far from the bone (SPURIOUS
+    classes) or with a one-pixel hole punched into the bone (HOLED classes)."""
+    maps = np.zeros(truth.shape, np.uint8)
+    for channel, mask in enumerate(truth):
+        soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
+        soft[soft < 0.03] = 0
+        maps[channel] = np.rint(soft * 255).astype(np.uint8)
+        if channel in SPURIOUS:
+            distance = ndimage.distance_transform_edt(~ndimage.binary_dilation(mask, iterations=3))
+            y, x = np.clip(np.unravel_index(np.argmax(distance), mask.shape), 1, np.array(mask.shape) - 2)
+            maps[channel, y - 1 : y + 2, x - 1 : x + 2] = 255
+        elif channel in HOLED:
+            inside = np.argwhere(ndimage.binary_erosion(mask))
+            if len(inside):
+                y, x = inside[len(inside) // 2]
+                maps[channel, y, x] = 0
+    return maps
+
+
 def test_postprocessing_is_kept_only_where_it_helps(project: Path, tmp_path: Path) -> None:
-    paths = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry")]
+    """Largest-component is kept for the classes with a false blob, hole filling for the classes with a hole,
+    each only where it raises the class's OOF Dice."""
+    paths = []
+    for name in ("d1", "d2"):
+        store = create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}})
+        for record in discover(project / "data", "train").records:
+            store.write_image(record.key, defective_maps(read_record_mask(record)))
+        paths.append(str(tmp_path / f"{name}.zarr"))
     with_pp = search_weights(paths, project / "data", None, tmp_path / "a.json", step=0.5, progress=False)
-    without = search_weights(paths, project / "data", None, tmp_path / "b.json", step=0.5, postprocess=False, progress=False)
+    without = search_weights(paths, project / "data", None, tmp_path / "b.json", step=0.5, postprocess=False,
+                             progress=False)
     for kept, plain in zip(with_pp.classes, without.classes):
         if kept.postprocess:
-            assert kept.oof_dice > plain.oof_dice
+            assert kept.oof_dice > plain.oof_dice, CLASSES[kept.channel]
         else:
-            assert kept.oof_dice == plain.oof_dice
+            assert kept.oof_dice == plain.oof_dice, CLASSES[kept.channel]
+    kept_by_class = {CLASSES[result.channel]: result.postprocess for result in with_pp.classes}
+    for channel in SPURIOUS:
+        assert "largest_component" in kept_by_class[CLASSES[channel]], kept_by_class
+    for channel in HOLED:
+        assert "fill_holes" in kept_by_class[CLASSES[channel]], kept_by_class
+    assert json.loads((tmp_path / "a.json").read_text())["postprocess"] == [r.postprocess for r in with_pp.classes]
 
 
 def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
@@ -241,9 +280,22 @@ def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> Non
                                       str(tmp_path / "recipe.json"), "--report-csv", str(tmp_path / "report.csv"),
                                       "--plot", str(tmp_path / "report.png")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert (tmp_path / "report.csv").read_text().count("\n") == NUM_CLASSES + 1
     assert "mean over classes" in result.output and "held-out folds" in result.output
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    report = pd.read_csv(tmp_path / "report.csv")
+    assert list(report["class"]) == list(CLASSES)
+    np.testing.assert_allclose(report["recipe"], [recipe["oof_dice"]["per_class"][c] for c in CLASSES], atol=5e-7)
+    np.testing.assert_allclose(report["plain_mean"], recipe["oof_dice"]["plain_mean"], atol=5e-7)
+    np.testing.assert_allclose(report["sharp"], recipe["oof_dice"]["members"]["sharp"], atol=5e-7)
+    assert list(report["threshold"]) == [round(t, 4) for t in recipe["thresholds"]]
+    # the plot: 12 x 9 inches at 110 dpi; a green bar per class the recipe gains on, a red one per class it loses
+    picture = cv2.imread(str(tmp_path / "report.png"))
+    assert picture.shape == (990, 1320, 3)
+    gains = np.array([recipe["oof_dice"]["per_class"][c] for c in CLASSES]) - np.array(recipe["oof_dice"]["plain_mean"])
+    green = np.all(picture == (44, 160, 44), axis=-1).sum()  # matplotlib's tab:green in BGR
+    red = np.all(picture == (40, 39, 214), axis=-1).sum()  # tab:red
+    assert (green > 0) == bool((gains > 0).any()) and (red > 0) == bool((gains < 0).any())
+    assert (gains > 0).any()
 
 
 def test_search_refuses_test_stores(project: Path, tmp_path: Path) -> None:
