@@ -4,6 +4,7 @@ ens show (plain, class-grid and error overlays, names that do not exist)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def test_cli_evaluate_json_table_and_plot(data, tmp_path: Path) -> None:
     assert picture is not None and picture.shape[0] > 500
     result = runner.invoke(app, ["evaluate", str(data["oof"]), "--data", str(data["root"]), "--split", "test"])
     assert isinstance(result.exception, SegensError)
+    assert re.search("labels.oof.zarr: 4 image.* not in .*test.*--split", str(result.exception))
 
 
 # ---- show ----------------------------------------------------------------------------------------------------
