@@ -14,12 +14,12 @@ import pytest
 from matplotlib.colors import to_rgb
 from typer.testing import CliRunner
 
-from segens.classes import NUM_CLASSES
+from segens.classes import CLASS_TO_INDEX, NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
 from segens.dice import dice_per_class
 from segens.ensemble.evaluate import evaluate_prediction, evaluate_store, evaluate_submission, keep_table, truth_masks
-from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, draw_overlay, figure_pixels
+from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, PALETTE, draw_overlay, figure_pixels
 from segens.errors import SegensError
 from segens.members.store import create_store, open_store
 from segens.rle import encode_stack
@@ -186,6 +186,12 @@ def test_show_plain_classes_and_error_views(data, tmp_path: Path) -> None:
     assert _png(two).shape[:2] == figure_pixels(2, 2, crop_view=False)[::-1]
     grid = draw_overlay(key, root, [data["shift"], data["blur"]], tmp_path / "grid.png", classes="Capitate,Radius")
     assert _png(grid).shape[:2] == figure_pixels(4, 2, crop_view=True)[::-1]
+    # what is drawn: every class's colour in the plain view; in the class grid only the two classes asked for
+    for name in ("finger-2", "Lunate", "Capitate"):
+        assert _share(_png(plain), PALETTE[CLASS_TO_INDEX[name]]) > 2e-4, name
+    assert _share(_png(grid), PALETTE[CLASS_TO_INDEX["Capitate"]]) > 1e-3
+    for name in ("finger-2", "Lunate"):
+        assert _share(_png(grid), PALETTE[CLASS_TO_INDEX[name]]) == 0.0, name
     outline = draw_overlay(key, root, [data["shift"]], tmp_path / "outline.png", classes=["Capitate"])
     error = draw_overlay(key, root, [data["shift"]], tmp_path / "error.png", error="Capitate")
     perfect = draw_overlay(key, root, [data["labels"]], tmp_path / "perfect.png", error="Capitate")
