@@ -68,3 +68,28 @@ def _array_keys(group, prefix: str = "") -> list[str]:
         else:
             keys.extend(_array_keys(node, prefix + name + "/"))
     return keys
+
+
+def reference_member_probabilities(models, image: np.ndarray, input_size: tuple[int, int], hflip: bool) -> np.ndarray:
+    """A member's (29, H, W) float32 probabilities as a competitor computes them, for the default input contract
+    (grey image resized to the input size, area when shrinking else bilinear, / 255, repeated to 3 channels):
+    per fold model, sigmoid(bilinear upsampling of model(x)) and, with ``hflip``, the same of the flipped-back
+    flipped pass; the mean over every pass of every fold. For exactness tests only."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    height, width = input_size
+    shrinking = height < image.shape[0] and width < image.shape[1]
+    resized = image if image.shape == (height, width) else cv2.resize(
+        image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    x = torch.from_numpy(resized.astype(np.float32) / 255.0)[None, None].repeat(1, 3, 1, 1)
+    probabilities = []
+    with torch.no_grad():
+        for model in models:
+            model.eval()
+            passes = [model(x)] + ([model(x.flip(-1)).flip(-1)] if hflip else [])
+            for logits in passes:
+                upsampled = F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False)
+                probabilities.append(torch.sigmoid(upsampled)[0].numpy())
+    return np.mean(probabilities, axis=0, dtype=np.float64).astype(np.float32)

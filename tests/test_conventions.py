@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import square_polygons
 
 from segens.classes import CLASSES, NUM_CLASSES, class_index
 from segens.dataset import discover, image_size, read_image, read_record_mask
@@ -21,7 +22,7 @@ def test_class_order() -> None:
     assert CLASSES[19:] == ("Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum",
                             "Pisiform", "Radius", "Ulna")
     assert class_index("Ulna") == 28
-    with pytest.raises(ValueError, match="valid classes"):
+    with pytest.raises(ValueError, match="unknown class 'Femur'; valid classes are: finger-1, .*, Ulna"):
         class_index("Femur")
 
 
@@ -65,11 +66,18 @@ def test_missing_split_folder(tmp_path: Path) -> None:
 
 
 def test_mask_uses_the_image_size_not_stale_metadata(tiny_root: Path) -> None:
+    """The label files' metadata says 2048x2048, the images are 40x48: the squares are filled where the points
+    say, at the image's own size (each square's boundary pixels included), never rescaled."""
     record = discover(tiny_root, "train").records[0]
-    mask = read_record_mask(record)
-    assert mask.shape == (29, 40, 48) and mask.dtype == bool
-    assert all(mask[c].any() for c in range(29))
+    assert record.key == "ID001/image1661130828152_R"  # written by tiny_root with seed 0
     assert json.loads(record.label_path.read_text())["metadata"]["width"] == 2048
+    mask = read_record_mask(record)
+    expected = np.zeros((NUM_CLASSES, 40, 48), bool)
+    for channel, name in enumerate(CLASSES):
+        (x0, y0), (x1, y1) = square_polygons(40, 48, seed=0)[name][[0, 2]]
+        expected[channel, y0 : y1 + 1, x0 : x1 + 1] = True
+    assert mask.shape == (29, 40, 48) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_rasterize_fills_polygon_inclusive(tmp_path: Path) -> None:

@@ -5,26 +5,71 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from segens.classes import CLASSES
 from segens.cli import app
+from segens.dataset import discover
+from segens.reference import reference_combine, reference_decode, reference_dice
 from segens.submission import read_submission
+
+
+def _reference_test_dice(csv: Path, root: Path) -> float:
+    """Mean over classes of the mean over test images of Dice, from the CSV and the label files alone."""
+    rows = {(name, cls): rle for name, cls, rle in pd.read_csv(csv, keep_default_na=False).itertuples(index=False)}
+    scores = []
+    for record in discover(root, "test").records:
+        document = json.loads(record.label_path.read_text())
+        height, width = cv2.imread(str(record.image_path), cv2.IMREAD_UNCHANGED).shape[:2]
+        truth = np.zeros((len(CLASSES), height, width), np.uint8)
+        for annotation in document["annotations"]:
+            points = np.rint(np.asarray(annotation["points"], np.float64)).astype(np.int32).reshape(-1, 1, 2)
+            cv2.fillPoly(truth[CLASSES.index(annotation["label"])], [points], 1)
+        pred = np.stack([reference_decode(rows[(record.name, cls)], height, width) for cls in CLASSES])
+        scores.append(reference_dice(pred, truth))
+    return float(np.mean(np.mean(scores, axis=0)))
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    summary = json.loads((out / "demo_result.json").read_text())
     assert set(summary["member_dice"]) == {"unetpp-vgg19", "unetpp-hrnet", "yolov8-seg"}
-    assert set(summary["strategy_dice"]) == {"soft", "weighted", "hard"}
-    assert "cv_gain_over_mean" in summary["cv"]
-    assert len(summary["seconds"]) == 8
-    for name in ("submission_weighted.csv", "recipe.json", "dice.png", "search_report.png", "overlay.png"):
-        assert (tmp_path / "demo" / name).stat().st_size > 0, name
-    submission = read_submission(tmp_path / "demo" / "submission_weighted.csv")
+    assert list(summary["seconds"]) == ["synthetic data", "folds", "train members", "predict OOF and test stores",
+                                        "search weights (with CV)", "combine (soft, weighted, hard)",
+                                        "evaluate on the test labels", "plots and overlay"]
+    root = out / "data"
+    # every Dice in the summary is what an independent scorer finds in the CSV the demo wrote
+    for strategy in ("soft", "weighted", "hard"):
+        assert summary["strategy_dice"][strategy] == pytest.approx(
+            _reference_test_dice(out / f"submission_{strategy}.csv", root), abs=1e-9), strategy
+    for name, dice in summary["member_dice"].items():
+        assert dice == pytest.approx(_reference_test_dice(out / f"member_{name}.csv", root), abs=1e-9), name
+    # the weighted submission is the recipe applied by the straightforward pipeline, weights normalised here
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert [member["name"] for member in recipe["members"]] == list(summary["member_dice"])
+    raw = np.asarray(recipe["weights"], np.float64)
+    stores = [out / "stores" / f"{name}.test.zarr" for name in summary["member_dice"]]
+    reference_combine(stores, (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32),
+                      np.asarray(recipe["thresholds"], np.float32), tmp_path / "reference.csv")
+    submission, reference = read_submission(out / "submission_weighted.csv"), read_submission(tmp_path / "reference.csv")
+    plain = [c for c, steps in enumerate(recipe["postprocess"]) if not steps]  # the reference has no post-processing
+    assert plain
+    for name, rles in submission.rles.items():
+        assert [rles[c] for c in plain] == [reference.rles[name][c] for c in plain], name
     assert len(submission.rles) == 4  # 2 test patients, two hands each
+    assert any(rle for rles in submission.rles.values() for rle in rles), "every mask of the ensemble is empty"
+    assert summary["cv"] == {key: value for key, value in recipe["oof_dice"]["summary"].items() if key.startswith("cv_")}
+    assert summary["verdict"] == recipe["oof_dice"]["verdict"]
+    for name in ("dice.png", "search_report.png", "overlay.png"):
+        picture = cv2.imread(str(out / name))
+        assert picture is not None and picture.shape[0] > 500 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 20, name
     assert "time: total" in result.output
 
 

@@ -35,7 +35,7 @@ def test_dice_table_averages_images_then_classes() -> None:
     table.add("img2", np.array([0.5, 1.0]))
     np.testing.assert_allclose(table.per_class(), [0.75, 0.5])
     assert table.mean() == pytest.approx(0.625)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"img3: expected 2 class scores, got shape \(1,\)"):
         table.add("img3", np.array([1.0]))
 
 
@@ -46,7 +46,10 @@ def _rows_for(root: Path, split: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def test_csv_is_byte_identical_to_pandas_and_in_competition_order(tiny_root: Path, tmp_path: Path) -> None:
+def test_csv_is_byte_identical_to_pandas_and_keeps_the_given_row_order(tiny_root: Path, tmp_path: Path) -> None:
+    """The writer formats rows exactly as pandas does and never reorders them: the competition's order (images by
+    relative path with extension, then class order) is made by whoever lists the images (discover, combine; see
+    test_conventions and test_combine), so rows given in another order are written in that order."""
     rows = _rows_for(tiny_root, "train")
     ours = tmp_path / "ours.csv"
     assert write_submission(ours, rows) == 4 * 29
@@ -57,6 +60,11 @@ def test_csv_is_byte_identical_to_pandas_and_in_competition_order(tiny_root: Pat
     assert list(frame["image_name"][::29]) == ["image1661130828152_R.png", "image1661130828153.png",
                                                "image1661130900000.png", "image1661130900001_L.png"]
     assert list(frame["class"][:29]) == list(CLASSES)
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    write_submission(ours, shuffled)
+    pd.DataFrame(shuffled, columns=["image_name", "class", "rle"]).to_csv(theirs, index=False)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert [tuple(row) for row in pd.read_csv(ours, keep_default_na=False).itertuples(index=False)] == shuffled
 
 
 def test_empty_mask_is_empty_field(tmp_path: Path) -> None:

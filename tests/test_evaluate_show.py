@@ -4,6 +4,7 @@ ens show (plain, class-grid and error overlays, names that do not exist)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,14 +14,14 @@ import pytest
 from matplotlib.colors import to_rgb
 from typer.testing import CliRunner
 
-from segens.classes import NUM_CLASSES
+from segens.classes import CLASS_TO_INDEX, NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
-from segens.dice import dice_per_class
 from segens.ensemble.evaluate import evaluate_prediction, evaluate_store, evaluate_submission, keep_table, truth_masks
-from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, draw_overlay, figure_pixels
+from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, PALETTE, draw_overlay, figure_pixels
 from segens.errors import SegensError
 from segens.members.store import create_store, open_store
+from segens.reference import reference_dice
 from segens.rle import encode_stack
 from segens.submission import image_rows, write_submission
 from segens.synth import generate
@@ -99,8 +100,8 @@ def test_store_and_csv_of_the_same_masks_score_identically_and_as_brute_force(da
     assert np.array_equal(store_table.matrix(), csv_table.matrix()) and list(store_table.scores) == list(csv_table.scores)
     store = open_store(data["blur"])
     for record in discover(data["root"], "test").records:
-        brute = dice_per_class(store.read(record.key) / np.float32(255) > np.float32(0.5), read_record_mask(record))
-        assert np.array_equal(store_table.scores[record.key], brute)
+        brute = reference_dice(store.read(record.key) / np.float32(255) > np.float32(0.5), read_record_mask(record))
+        np.testing.assert_allclose(store_table.scores[record.key], brute, rtol=0, atol=1e-15)
     assert 0.5 < store_table.mean() < 1.0
 
 
@@ -152,9 +153,14 @@ def test_cli_evaluate_json_table_and_plot(data, tmp_path: Path) -> None:
     assert "labels.test.zarr" in result.output and "blur.csv" in result.output and "shift.test.zarr" in result.output
     assert "1.0000" in result.output
     picture = cv2.imread(str(plot))
-    assert picture is not None and picture.shape[0] > 500
+    assert picture is not None and picture.shape == (1100, 990, 3)  # 9 x 10 inches at 110 dpi
+    # one bar colour per prediction (matplotlib's tab:blue, tab:orange, tab:green in BGR); the labels' bars
+    # reach Dice 1 in every class, so theirs is the most painted colour
+    painted = [int(np.all(picture == bgr, axis=-1).sum()) for bgr in ((180, 119, 31), (14, 127, 255), (44, 160, 44))]
+    assert min(painted) > 0 and painted[0] == max(painted), painted
     result = runner.invoke(app, ["evaluate", str(data["oof"]), "--data", str(data["root"]), "--split", "test"])
     assert isinstance(result.exception, SegensError)
+    assert re.search("labels.oof.zarr: 4 image.* not in .*test.*--split", str(result.exception))
 
 
 # ---- show ----------------------------------------------------------------------------------------------------
@@ -184,6 +190,12 @@ def test_show_plain_classes_and_error_views(data, tmp_path: Path) -> None:
     assert _png(two).shape[:2] == figure_pixels(2, 2, crop_view=False)[::-1]
     grid = draw_overlay(key, root, [data["shift"], data["blur"]], tmp_path / "grid.png", classes="Capitate,Radius")
     assert _png(grid).shape[:2] == figure_pixels(4, 2, crop_view=True)[::-1]
+    # what is drawn: every class's colour in the plain view; in the class grid only the two classes asked for
+    for name in ("finger-2", "Lunate", "Capitate"):
+        assert _share(_png(plain), PALETTE[CLASS_TO_INDEX[name]]) > 2e-4, name
+    assert _share(_png(grid), PALETTE[CLASS_TO_INDEX["Capitate"]]) > 1e-3
+    for name in ("finger-2", "Lunate"):
+        assert _share(_png(grid), PALETTE[CLASS_TO_INDEX[name]]) == 0.0, name
     outline = draw_overlay(key, root, [data["shift"]], tmp_path / "outline.png", classes=["Capitate"])
     error = draw_overlay(key, root, [data["shift"]], tmp_path / "error.png", error="Capitate")
     perfect = draw_overlay(key, root, [data["labels"]], tmp_path / "perfect.png", error="Capitate")

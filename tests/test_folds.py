@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -249,5 +250,7 @@ def test_cli_make_and_show(root12: Path, tmp_path: Path) -> None:
     assert isinstance(result.exception, SegensError) and "pass --overwrite" in str(result.exception)
     result = runner.invoke(app, ["folds", "make", str(root12), "--k", "2", "--out", str(out), "--overwrite"])
     assert result.exit_code == 0 and "grouped by patient" in result.output
-    result = runner.invoke(app, ["folds", "make", str(root12), "--k", "30", "--out", str(out)])
+    result = runner.invoke(app, ["folds", "make", str(root12), "--k", "30", "--out", str(out), "--overwrite"])
     assert isinstance(result.exception, SegensError)
+    assert re.search(r"train: --k 30 needs at least 30 patients but there are 12; use --k 12 or fewer",
+                     str(result.exception))

@@ -15,11 +15,30 @@ from segens.dataset import discover, read_image, read_record_mask
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.predict import predict_member
-from segens.members.registry import factory
-from segens.members.spec import load_spec
-from segens.members.store import open_store, quantize
+from segens.members.store import open_store
+from segens.reference import reference_member_probabilities
 from segens.rle import encode_stack
 from segens.submission import image_rows, read_submission, write_submission
+
+
+def fold_models(project: Path) -> dict:
+    """The project's three fold models, loaded here from their state_dicts (not through the member)."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    models = {}
+    for fold in range(3):
+        model = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(32, 16, 16, 8, 8))
+        model.load_state_dict(torch.load(project / f"fold{fold}.pt", map_location="cpu"))
+        models[fold] = model.eval()
+    return models
+
+
+def assert_quantized(stored: np.ndarray, probabilities: np.ndarray) -> None:
+    """The stored uint8 map is the reference probabilities x 255, rounded (float32 sums may differ by a bit)."""
+    assert stored.dtype == np.uint8 and stored.shape == probabilities.shape
+    assert np.abs(stored.astype(np.float64) - probabilities.astype(np.float64) * 255).max() <= 0.5 + 1e-3
+    assert (stored > 0).any()
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +56,14 @@ def test_oof_store_uses_the_held_out_fold(project: Path) -> None:
     store = open_store(out)
     folds = load_folds(project / "folds.json")
     assert store.split == "oof" and store.member == "unet" and len(store.keys()) == 6
-    record = discover(project / "data", "train").records[0]
-    member = factory("smp")(load_spec(spec_path))
-    (expected,) = member.predict([read_image(record.image_path)], [folds.fold_of(record.key)])
-    assert np.array_equal(store.read(record.key), quantize(expected))
+    models = fold_models(project)
+    for record in discover(project / "data", "train").records:
+        fold = folds.fold_of(record.key)
+        expected = reference_member_probabilities([models[fold]], read_image(record.image_path), (64, 64), hflip=True)
+        assert_quantized(store.read(record.key), expected)
+        others = [reference_member_probabilities([models[f]], read_image(record.image_path), (64, 64), hflip=True)
+                  for f in range(3) if f != fold]
+        assert all(np.abs(store.read(record.key) - np.rint(other * 255)).max() > 1 for other in others)
     assert store.image_size(record.key) == (80, 80)
     assert {int(fold) for fold in store.checkpoints} == {0, 1, 2}
     assert document["checkpoints"][0]["sha256"] == store.checkpoints[0]["sha256"]
@@ -54,10 +77,27 @@ def test_test_store_averages_every_fold(project: Path) -> None:
                                       str(project / "data"), "--out", str(project / "unet.test.zarr")])
     assert result.exit_code == 0, result.output
     store = open_store(project / "unet.test.zarr")
-    record = discover(project / "data", "test", require_labels=False).records[0]
-    member = factory("smp")(load_spec(project / "unet.yaml"))
-    (expected,) = member.predict([read_image(record.image_path)], [0, 1, 2])
-    assert np.array_equal(store.read(record.key), quantize(expected))
+    models = [fold_models(project)[fold] for fold in range(3)]
+    records = discover(project / "data", "test", require_labels=False).records
+    assert sorted(store.keys()) == sorted(record.key for record in records)
+    for record in records:
+        expected = reference_member_probabilities(models, read_image(record.image_path), (64, 64), hflip=True)
+        assert_quantized(store.read(record.key), expected)
+
+
+def test_jobs_2_writes_the_same_store_as_jobs_1(project: Path, tmp_path: Path) -> None:
+    """Same batches (3 of 2 images), one process or two: the same bytes. (The batch size itself can move a value
+    by one uint8 level: convolutions of a batch of 1 and of 4 round differently, so both runs use 2.)"""
+    arguments = (project / "unet.yaml", "oof", project / "data")
+    predict_member(*arguments, tmp_path / "one.zarr", folds_path=project / "folds.json", batch_size=2, progress=False)
+    summary = predict_member(*arguments, tmp_path / "two.zarr", folds_path=project / "folds.json", jobs=2,
+                             batch_size=2, progress=False)
+    assert summary.written == 6
+    one, two = open_store(tmp_path / "one.zarr"), open_store(tmp_path / "two.zarr")
+    assert sorted(two.keys()) == sorted(one.keys()) and len(one.keys()) == 6
+    for key in one.keys():
+        assert np.array_equal(two.read(key), one.read(key)), key
+        assert two.boxes(key) == one.boxes(key), key
 
 
 def test_bad_inputs_name_the_file(project: Path, tmp_path: Path) -> None:

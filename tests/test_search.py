@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
@@ -19,12 +21,11 @@ from typer.testing import CliRunner
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
 from segens.dataset import discover, read_record_mask
-from segens.dice import dice_from_counts
-from segens.ensemble.combine import combine, normalise_weights
+from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
-from segens.ensemble.evidence import class_truth, extract_class, hard_dice, threshold_grid
+from segens.ensemble.evidence import extract_class, hard_dice, threshold_grid
 from segens.ensemble.search import WeightedSearch, _best, base_candidates, make_subsets
-from segens.ensemble.search_resume import FinishedClasses, partial_root
+from segens.ensemble import search_weights as search_weights_module
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
 from segens.members.store import create_store, open_store
@@ -74,18 +75,31 @@ def stores_of(project: Path, names=("sharp", "blurry", "shifted", "zero")):
     return [open_store(project / f"{name}.oof.zarr") for name in names]
 
 
+def reference_truth(record, channel: int) -> np.ndarray:
+    """(H, W) bool truth of one class, straight from the label file: its polygon filled at the PNG's size."""
+    document = json.loads(record.label_path.read_text())
+    (points,) = [a["points"] for a in document["annotations"] if a["label"] == CLASSES[channel]]
+    height, width = cv2.imread(str(record.image_path), cv2.IMREAD_UNCHANGED).shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [np.rint(np.asarray(points, np.float64)).astype(np.int32).reshape(-1, 1, 2)], 1)
+    return mask.astype(bool)
+
+
 def brute_force_weighted(stores, records, channel: int, weights: np.ndarray) -> np.ndarray:
-    """(K,) mean Dice over images at full resolution, every threshold, the same float32 arithmetic as combine."""
+    """(K,) mean Dice over images at full resolution, every threshold, the same float32 arithmetic as combine;
+    weights normalised here (float64 division, then float32), truth rasterised here."""
     scores = np.zeros((len(records), THRESHOLDS.size))
-    w = normalise_weights(weights)
+    raw = np.asarray(weights, np.float64)
+    w = (raw / raw.sum()).astype(np.float32)
     for index, record in enumerate(records):
-        truth = class_truth(record, channel, stores[0].image_size(record.key))
+        truth = reference_truth(record, channel)
         total = np.zeros(truth.shape, np.float32)
         for m, store in enumerate(stores):
             total += w[m] * (store.read_class(record.key, channel).astype(np.float32) / np.float32(255))
         for k, threshold in enumerate(THRESHOLDS):
             mask = total > threshold
-            scores[index, k] = dice_from_counts(np.count_nonzero(mask & truth), np.count_nonzero(mask), np.count_nonzero(truth))
+            intersection, size = np.count_nonzero(mask & truth), np.count_nonzero(mask)
+            scores[index, k] = (2 * intersection + 1e-4) / (size + np.count_nonzero(truth) + 1e-4)
     return scores.mean(axis=0)
 
 
@@ -102,7 +116,22 @@ def test_weighted_scores_equal_brute_force(project: Path, channel: int) -> None:
     ours = np.stack([search.scores(w)[0] for w in candidates])
     brute = np.stack([brute_force_weighted(stores, records, channel, w) for w in candidates])
     np.testing.assert_array_equal(ours, brute)
-    assert _best(ours) == _best(brute)
+
+
+def test_best_prefers_the_earlier_candidate_then_the_threshold_nearest_half() -> None:
+    """The documented tie rule on hand-built (candidates, 255 thresholds) tables; index 127 is threshold 0.5."""
+    scores = np.zeros((3, 255))
+    scores[0, 3] = scores[1, 127] = scores[2, 127] = 0.9  # the later candidates are tied at exactly 0.5
+    assert _best(scores) == (0, 3)
+    scores[0, [200, 140, 20]] = 0.9  # within the first candidate: the one nearest 127
+    assert _best(scores) == (0, 140)
+    scores[0, 114] = 0.9  # 13 below and 13 above 0.5: the lower threshold
+    assert _best(scores) == (0, 114)
+    scores[0, 127] = 0.9
+    assert _best(scores) == (0, 127)
+    scores[2, 250] = 0.9000001  # any higher score beats every tie
+    assert _best(scores) == (2, 250)
+    assert _best(np.full((4, 255), 0.25)) == (0, 127)  # all equal: equal weights (first) at 0.5
 
 
 def test_adversarial_cases_equal_brute_force(tmp_path: Path, project: Path) -> None:
@@ -141,11 +170,12 @@ def test_hard_scores_equal_brute_force(project: Path) -> None:
             chosen = member_thresholds.copy()
             chosen[1] = THRESHOLDS[k]
             for record in records:
-                truth = class_truth(record, 22, (64, 64))
+                truth = reference_truth(record, 22)
                 count = sum((s.read_class(record.key, 22).astype(np.float32) / np.float32(255) > t).astype(int)
                             for s, t in zip(stores, chosen))
                 mask = count >= votes
-                dice.append(dice_from_counts(np.count_nonzero(mask & truth), np.count_nonzero(mask), np.count_nonzero(truth)))
+                both, size = np.count_nonzero(mask & truth), np.count_nonzero(mask) + np.count_nonzero(truth)
+                dice.append((2 * both + 1e-4) / (size + 1e-4))
             np.testing.assert_array_equal(ours[:, k], dice)
 
 
@@ -167,15 +197,55 @@ def test_recipe_round_trip_into_combine(project: Path, tmp_path: Path, strategy:
             assert result.oof_dice >= max(result.member_dice) - 1e-12
 
 
+SPURIOUS = range(0, 10)  # classes given a false blob far from the bone: keeping the largest component helps
+HOLED = range(19, 29)  # classes given a hole inside the bone (the larger bones): filling holes helps
+
+
+def defective_maps(truth: np.ndarray) -> np.ndarray:
+    """(29, H, W) uint8: the truth, blurred a little, plus a 3x3 false blob far from the bone (SPURIOUS
+    classes) or with a one-pixel hole punched into the bone (HOLED classes)."""
+    maps = np.zeros(truth.shape, np.uint8)
+    for channel, mask in enumerate(truth):
+        soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
+        soft[soft < 0.03] = 0
+        maps[channel] = np.rint(soft * 255).astype(np.uint8)
+        if channel in SPURIOUS:
+            distance = ndimage.distance_transform_edt(~ndimage.binary_dilation(mask, iterations=3))
+            y, x = np.clip(np.unravel_index(np.argmax(distance), mask.shape), 1, np.array(mask.shape) - 2)
+            maps[channel, y - 1 : y + 2, x - 1 : x + 2] = 255
+        elif channel in HOLED:
+            inside = np.argwhere(ndimage.binary_erosion(mask))
+            if len(inside):
+                y, x = inside[len(inside) // 2]
+                maps[channel, y, x] = 0
+    return maps
+
+
 def test_postprocessing_is_kept_only_where_it_helps(project: Path, tmp_path: Path) -> None:
-    paths = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry")]
+    """Largest-component is kept for the classes with a false blob, hole filling for the classes with a hole,
+    each only where it raises the class's OOF Dice."""
+    paths = []
+    for name in ("d1", "d2"):
+        records = discover(project / "data", "train").records
+        store = create_store(tmp_path / f"{name}.zarr", name, "smp", "oof", {}, {0: {"path": name, "sha256": name}},
+                             images=[record.key for record in records])
+        for record in records:
+            store.write_image(record.key, defective_maps(read_record_mask(record)))
+        paths.append(str(tmp_path / f"{name}.zarr"))
     with_pp = search_weights(paths, project / "data", None, tmp_path / "a.json", step=0.5, progress=False)
-    without = search_weights(paths, project / "data", None, tmp_path / "b.json", step=0.5, postprocess=False, progress=False)
+    without = search_weights(paths, project / "data", None, tmp_path / "b.json", step=0.5, postprocess=False,
+                             progress=False)
     for kept, plain in zip(with_pp.classes, without.classes):
         if kept.postprocess:
-            assert kept.oof_dice > plain.oof_dice
+            assert kept.oof_dice > plain.oof_dice, CLASSES[kept.channel]
         else:
-            assert kept.oof_dice == plain.oof_dice
+            assert kept.oof_dice == plain.oof_dice, CLASSES[kept.channel]
+    kept_by_class = {CLASSES[result.channel]: result.postprocess for result in with_pp.classes}
+    for channel in SPURIOUS:
+        assert "largest_component" in kept_by_class[CLASSES[channel]], kept_by_class
+    for channel in HOLED:
+        assert "fill_holes" in kept_by_class[CLASSES[channel]], kept_by_class
+    assert json.loads((tmp_path / "a.json").read_text())["postprocess"] == [r.postprocess for r in with_pp.classes]
 
 
 def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
@@ -215,9 +285,22 @@ def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> Non
                                       str(tmp_path / "recipe.json"), "--report-csv", str(tmp_path / "report.csv"),
                                       "--plot", str(tmp_path / "report.png")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert (tmp_path / "report.csv").read_text().count("\n") == NUM_CLASSES + 1
     assert "mean over classes" in result.output and "held-out folds" in result.output
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    report = pd.read_csv(tmp_path / "report.csv")
+    assert list(report["class"]) == list(CLASSES)
+    np.testing.assert_allclose(report["recipe"], [recipe["oof_dice"]["per_class"][c] for c in CLASSES], atol=5e-7)
+    np.testing.assert_allclose(report["plain_mean"], recipe["oof_dice"]["plain_mean"], atol=5e-7)
+    np.testing.assert_allclose(report["sharp"], recipe["oof_dice"]["members"]["sharp"], atol=5e-7)
+    assert list(report["threshold"]) == [round(t, 4) for t in recipe["thresholds"]]
+    # the plot: 12 x 9 inches at 110 dpi; a green bar per class the recipe gains on, a red one per class it loses
+    picture = cv2.imread(str(tmp_path / "report.png"))
+    assert picture.shape == (990, 1320, 3)
+    gains = np.array([recipe["oof_dice"]["per_class"][c] for c in CLASSES]) - np.array(recipe["oof_dice"]["plain_mean"])
+    green = np.all(picture == (44, 160, 44), axis=-1).sum()  # matplotlib's tab:green in BGR
+    red = np.all(picture == (40, 39, 214), axis=-1).sum()  # tab:red
+    assert (green > 0) == bool((gains > 0).any()) and (red > 0) == bool((gains < 0).any())
+    assert (gains > 0).any()
 
 
 def test_search_refuses_test_stores(project: Path, tmp_path: Path) -> None:
@@ -236,35 +319,123 @@ def _without_time(recipe_path: Path) -> dict:
     return recipe
 
 
-def test_killed_search_resumes_from_its_finished_classes(project: Path, tmp_path: Path) -> None:
-    """SIGKILL a search once it has finished a class; the rerun loads the finished classes (one is marked to
-    prove it) and searches only the rest, giving the uninterrupted run's recipe."""
-    stores = [str(path) for path in sorted(project.glob("*.oof.zarr"))]
-    arguments = (stores, project / "data", project / "folds.json")
-    search_weights(*arguments, tmp_path / "clean.json", cv=True, progress=False)
-    killed = tmp_path / "killed.json"
-    script = ("import sys; from segens.ensemble.search_weights import search_weights; "
-              f"search_weights({stores!r}, {str(project / 'data')!r}, {str(project / 'folds.json')!r}, "
-              f"{str(killed)!r}, cv=True, progress=False)")
-    process = subprocess.Popen([sys.executable, "-c", script])
-    while process.poll() is None and not list(partial_root(killed).glob("*/class-*.json")):
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not killed.exists()
-    (folder,) = partial_root(killed).iterdir()
-    finished = FinishedClasses(killed, folder.name)
-    loaded = finished.load()
-    assert 0 < len(loaded) < NUM_CLASSES
-    marked = next(iter(loaded.values()))
-    marked.oof_dice = 0.123456
-    finished.save(marked)
+STOP_AFTER = 3  # classes a killed search has finished
 
-    search_weights(*arguments, killed, cv=True, progress=False)
-    resumed, clean = _without_time(killed), _without_time(tmp_path / "clean.json")
-    assert resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] == 0.123456  # loaded, not searched again
-    resumed["oof_dice"]["per_class"][CLASSES[marked.channel]] = clean["oof_dice"]["per_class"][CLASSES[marked.channel]]
-    resumed["oof_dice"].pop("summary"), clean["oof_dice"].pop("summary")
-    resumed["oof_dice"].pop("verdict"), clean["oof_dice"].pop("verdict")
-    assert resumed == clean
-    assert not partial_root(killed).exists()  # cleared once the recipe is written
+
+@pytest.fixture(scope="module")
+def killed_search(project: Path, tmp_path_factory) -> dict:
+    """A search (2 stores, step 0.5, with --cv) SIGKILLed once it has finished exactly STOP_AFTER classes, and
+    the same search run to the end. The killed process stops itself (SIGSTOP) as it starts class STOP_AFTER,
+    so every earlier class was finished and saved; the test waits for that stop, not for a clock."""
+    base = tmp_path_factory.mktemp("resume")
+    stores = []
+    for name in ("sharp", "blurry"):
+        shutil.copytree(project / f"{name}.oof.zarr", base / f"{name}.oof.zarr")
+        stores.append(str(base / f"{name}.oof.zarr"))
+    inputs = {"stores": stores, "data": str(project / "data"), "folds": str(project / "folds.json")}
+    search_weights(stores, inputs["data"], inputs["folds"], base / "clean" / "recipe.json", step=0.5, cv=True,
+                   progress=False)
+    killed = base / "killed" / "recipe.json"
+    killed.parent.mkdir()
+    script = f"""
+import os, signal
+from segens.ensemble import search_weights as module
+searched, original = [], module._one_class
+def stop_before_class(*args, **kwargs):
+    if len(searched) == {STOP_AFTER}:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    searched.append(args[2])
+    return original(*args, **kwargs)
+module._one_class = stop_before_class
+module.search_weights({stores!r}, {inputs["data"]!r}, {inputs["folds"]!r}, {str(killed)!r}, step=0.5, cv=True,
+                      progress=False)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    _, status = os.waitpid(process.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the search ended before its class {STOP_AFTER} (status {status})"
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not killed.exists()
+    files = [path for path in killed.parent.rglob("*") if path.is_file()]
+    assert len(files) == STOP_AFTER, files  # one file per finished class, whatever its format
+    shutil.copytree(killed.parent, base / "snapshot")
+    return {"base": base, "inputs": inputs, "killed": killed, "snapshot": base / "snapshot"}
+
+
+def _restore(state: dict) -> Path:
+    """The killed search's folder as the kill left it; returns the recipe path to search into."""
+    shutil.rmtree(state["killed"].parent)
+    shutil.copytree(state["snapshot"], state["killed"].parent)
+    return state["killed"]
+
+
+@pytest.fixture
+def searched_channels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The channels search_weights actually searches in this process (jobs=1), in order."""
+    searched = []
+    original = search_weights_module._one_class
+
+    def record(*args, **kwargs):
+        searched.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search_weights_module, "_one_class", record)
+    return searched
+
+
+def test_killed_search_resumes_from_its_finished_classes(killed_search: dict, searched_channels: list[int]) -> None:
+    """The rerun searches only the classes the killed run had not finished and writes the uninterrupted run's
+    recipe; the resume folder is gone once the recipe is written."""
+    out, inputs = _restore(killed_search), killed_search["inputs"]
+    search_weights(inputs["stores"], inputs["data"], inputs["folds"], out, step=0.5, cv=True, progress=False)
+    assert searched_channels == list(range(STOP_AFTER, NUM_CLASSES))
+    assert _without_time(out) == _without_time(killed_search["base"] / "clean" / "recipe.json")
+    assert sorted(path.name for path in out.parent.iterdir()) == ["recipe.json"]
+
+
+def _repredict_under_another_checkpoint(path: Path) -> None:
+    """Rewrite a store in place with the same maps under another checkpoint hash (same path, same images)."""
+    source = open_store(path)
+    maps = {key: source.read(key) for key in source.keys()}
+    store = create_store(path, source.member, "smp", "oof", {"name": source.member},
+                         {0: {"path": "other.pt", "sha256": "sha-other"}}, images=list(maps), overwrite=True)
+    for key, values in maps.items():
+        store.write_image(key, values)
+
+
+@pytest.mark.parametrize("change", ["step", "strategy", "folds", "store"])
+def test_a_changed_input_never_reuses_a_finished_class(killed_search: dict, searched_channels: list[int],
+                                                       project: Path, tmp_path: Path, change: str) -> None:
+    out, inputs = _restore(killed_search), dict(killed_search["inputs"])
+    options = {"step": 0.5, "cv": True, "strategy": "weighted"}
+    store = Path(inputs["stores"][1])
+    if change == "step":
+        options["step"] = 0.25
+    elif change == "strategy":
+        options["strategy"] = "soft"
+    elif change == "folds":
+        folds, _ = make_folds(project / "data", k=2, seed=0)
+        save_folds(folds, tmp_path / "folds-k2.json")
+        inputs["folds"] = str(tmp_path / "folds-k2.json")
+    else:
+        shutil.copytree(store, tmp_path / "backup.zarr")
+        _repredict_under_another_checkpoint(store)
+    try:
+        search_weights(inputs["stores"], inputs["data"], inputs["folds"], out, progress=False, **options)
+    finally:
+        if change == "store":
+            shutil.rmtree(store)
+            shutil.copytree(tmp_path / "backup.zarr", store)
+    assert searched_channels == list(range(NUM_CLASSES))  # every class searched again
+    recipe = json.loads(out.read_text())
+    assert recipe["strategy"] == options["strategy"] and recipe["search"]["step"] == options["step"]
+    assert recipe["search"]["folds"] == inputs["folds"]
+    assert sorted(path.name for path in out.parent.iterdir()) == ["recipe.json"]
+
+
+def test_jobs_2_writes_the_same_recipe_as_jobs_1(project: Path, tmp_path: Path) -> None:
+    paths = [str(project / f"{name}.oof.zarr") for name in ("sharp", "blurry")]
+    for jobs in (1, 2):
+        search_weights(paths, project / "data", project / "folds.json", tmp_path / f"jobs{jobs}.json", step=0.5,
+                       cv=True, jobs=jobs, progress=False)
+    assert _without_time(tmp_path / "jobs2.json") == _without_time(tmp_path / "jobs1.json")

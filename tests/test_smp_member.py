@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,14 +156,52 @@ def test_bad_checkpoints_and_specs(tmp_path: Path) -> None:
 
 def test_folds_file_that_does_not_match_the_root_stops_before_training(small_root: Path, folds_file: Path,
                                                                         tmp_path: Path) -> None:
+    """Through the real command line: one line on stderr naming the file, exit status 2, no traceback."""
     doc = json.loads(folds_file.read_text())
     doc["folds"].pop(next(iter(doc["folds"])))
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(doc))
     spec_path = write_spec(tmp_path / "member.yaml", epochs=1)
-    result = CliRunner().invoke(app, ["train-member", str(spec_path), "--data", str(small_root), "--folds", str(broken)])
-    assert result.exit_code != 0
+    result = subprocess.run([sys.executable, "-m", "segens.cli", "train-member", str(spec_path), "--data",
+                             str(small_root), "--folds", str(broken)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert re.search(r"broken\.json: every training image of .* must be in exactly one fold, but there are 1 "
+                     r"training image\(s\) without a fold .*re-run `ens folds make`", message), result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "unetpp-r18").exists()
+
+
+def test_folds_and_flip_are_averaged_as_a_straightforward_reference_does(tmp_path: Path) -> None:
+    """Two different fold models, hflip TTA, images larger than the input and not square: the member's maps are
+    the mean over folds and passes of sigmoid(bilinear upsampling of the logits), computed independently (images
+    constant on 2x2 and 2x3 blocks, so that resizing to the 64x64 input is exact under any averaging rule)."""
+    spec = MemberSpec(name="m", kind="smp", input_size=(64, 64), tta=["hflip"],
+                      model={"architecture": "Unet", "encoder": "resnet18"}, path=tmp_path / "m.yaml")
+    member = SmpMember(spec)
+    models = []
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        models.append(smp.Unet("resnet18", encoder_weights=None, classes=29).eval())
+        member._models[fold] = models[-1]
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    images = [np.kron(small, np.ones((2, 2), np.uint8)), np.kron(small, np.ones((2, 3), np.uint8))]
+    x = torch.from_numpy(small.astype(np.float32) / 255)[None, None].repeat(1, 3, 1, 1)
+    for image, ours in zip(images, member.predict(images, [0, 1])):
+        terms = []
+        with torch.no_grad():
+            for model in models:
+                for logits in (model(x), model(x.flip(-1)).flip(-1)):
+                    upsampled = torch.nn.functional.interpolate(logits, size=image.shape, mode="bilinear",
+                                                                align_corners=False)
+                    terms.append(torch.sigmoid(upsampled)[0].numpy().astype(np.float64))
+        expected = np.mean(terms, axis=0)
+        assert ours.shape == (29, *image.shape) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6)
+        assert np.abs(np.mean(terms[:2], axis=0) - expected).max() > 1e-3  # fold 1 matters
+        assert np.abs(np.mean(terms[::2], axis=0) - expected).max() > 1e-3  # the flipped pass matters
 
 
 def test_fast_uint8_path_equals_quantized_probabilities(tmp_path: Path) -> None:

@@ -151,7 +151,13 @@ def test_refuses_to_mix_with_an_existing_data_set(root: Path, tmp_path: Path) ->
     assert sorted(p.name for p in (target / "train" / "DCM").iterdir()) == ["ID001"]
 
 
-@pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_train_patients": 0}, {"n_test_patients": -1}, {"seed": -3}])
-def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict) -> None:
-    with pytest.raises(SegensError):
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"size": 16}, "image size 16 is too small; use at least 64 pixels"),
+    ({"n_train_patients": 0}, "need 1 or more train patients.*got 0 train and 5 test"),
+    ({"n_test_patients": -1}, "need 1 or more train patients.*got 20 train and -1 test"),
+    ({"seed": -3}, "seed must be a non-negative integer, got -3"),
+])
+def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(SegensError, match=message):
         generate(tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()

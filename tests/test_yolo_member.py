@@ -3,6 +3,7 @@ soft masks reproduce ultralytics' own retina masks."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -143,6 +144,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         with pytest.raises(_Killed):
             member.train_fold(0, records[:4], records[4:], out_dir, progress=False)
     assert (out_dir / "train" / "weights" / "last.pt").is_file()
+    shutil.copy(out_dir / "train" / "weights" / "last.pt", tmp / "epoch1.pt")  # a second, different checkpoint
     with pytest.raises(SegensError, match="pickled state.*Pass --trust-pickle"):  # resuming unpickles last.pt
         member.train_fold(0, records[:4], records[4:], out_dir, progress=False)
     result = factory("yolo")(_spec(), trust_pickle=True).train_fold(0, records[:4], records[4:], out_dir,
@@ -201,21 +203,42 @@ def test_soft_masks_match_ultralytics_retina_masks(trained, shape: tuple[int, in
 
 @pytest.mark.slow
 def test_predict_averages_folds_and_checks_checkpoints(trained, tmp_path: Path) -> None:
-    member, result, records, _ = trained
+    """Two folds with different checkpoints (epoch 2 and epoch 1): the member's maps are the mean over folds of
+    (plain pass + flipped-back flipped pass) / 2, each pass computed here from the checkpoint itself."""
+    from ultralytics import YOLO
+
+    from segens.members.spec import sha256_of
+    from segens.members.yolo import soft_predict
+
+    member, result, records, out_dir = trained
     checkpoint = result.checkpoint
-    spec = _spec(tta=["hflip"], checkpoints={0: checkpoint, 1: checkpoint})
-    with pytest.raises(SegensError, match="trust-pickle"):
+    epoch1 = out_dir.parent / "epoch1.pt"
+    second = Checkpoint(epoch1, sha256_of(epoch1))
+    assert second.sha256 != checkpoint.sha256
+    spec = _spec(tta=["hflip"], checkpoints={0: checkpoint, 1: second})
+    with pytest.raises(SegensError, match="ultralytics checkpoints are pickles.*--trust-pickle"):
         factory("yolo")(spec).predict([np.zeros((8, 8), np.uint8)], [0])
     adapter = factory("yolo")(spec, trust_pickle=True)
     image = cv2.resize(cv2.imread(str(records[5].image_path), cv2.IMREAD_GRAYSCALE), (90, 70))
-    (one,) = adapter.predict([image], [0])
     (two,) = adapter.predict([image], [0, 1])
-    assert one.shape == (len(CLASSES), 70, 90) and one.dtype == np.float32
-    assert 0.0 <= one.min() and one.max() <= 1.0 and one.max() > 0
-    np.testing.assert_allclose(two, one, rtol=1e-6)
-    assert len(adapter._models) == 1  # loaded once
+    assert two.shape == (len(CLASSES), 70, 90) and two.dtype == np.float32
+
+    def reference(path: Path) -> np.ndarray:
+        model = YOLO(str(path))
+        plain, flipped = (soft_predict(model, picture, imgsz=SIZE, conf=1e-4, iou=0.7, max_det=300).class_maps
+                          for picture in (image, np.ascontiguousarray(image[:, ::-1])))
+        return (plain + flipped[:, :, ::-1]) / 2
+
+    fold0, fold1 = reference(checkpoint.path), reference(epoch1)
+    # a barely trained YOLO's maps are small (mask x box confidence), so differences are measured relatively
+    scale = max(fold0.max(), fold1.max())
+    assert scale > 0 and np.abs(fold0 - fold1).max() > 0.1 * scale  # the folds really differ
+    np.testing.assert_allclose(two, (fold0 + fold1) / 2, rtol=1e-5, atol=1e-6 * scale)
+    (one,) = adapter.predict([image], [1])
+    np.testing.assert_allclose(one, fold1, rtol=1e-5, atol=1e-6 * scale)
+    assert len(adapter._models) == 2  # each checkpoint loaded once
     broken = factory("yolo")(_spec(checkpoints={0: Checkpoint(checkpoint.path, "0" * 64)}), trust_pickle=True)
-    with pytest.raises(SegensError, match="sha256"):
+    with pytest.raises(SegensError, match="best.pt: sha256 differs from the member spec's"):
         broken.predict([image], [0])
     with pytest.raises(SegensError, match="no checkpoint for fold 3"):
         adapter.predict([image], [3])
