@@ -55,7 +55,7 @@ class _Normalize(_Strict):
 
 
 class _Input(_Strict):
-    size: Side | tuple[Side, Side] | None = None
+    size: Side | pydantic.conlist(Side, min_length=2, max_length=2) | None = None
     channels: Literal[1, 3] = 3
     color: Literal["gray", "rgb", "bgr"] = "gray"
     scale: pydantic.confloat(gt=0) = 255.0
@@ -77,7 +77,7 @@ class _Spec(_Strict):
     version: Literal[1, 2] = SPEC_VERSION
     name: str
     kind: str
-    input_size: Side | tuple[Side, Side] | None = None
+    input_size: Side | pydantic.conlist(Side, min_length=2, max_length=2) | None = None
     input: _Input | None = None
     classes: list[str] | None = None
     tta: list[Literal["hflip", "vflip"] | _ScalePass] | None = None

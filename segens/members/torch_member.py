@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,7 +129,9 @@ class TorchMember(NetworkMember):
             raise SegensError(f"{path}: checkpoint not found (member {self.spec.name}); fix the spec's path")
         if self.format == "torchscript" or (self.format == "auto" and is_torchscript(path)):
             try:
-                return torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch 2.10+ deprecates TorchScript; users' files still are
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
                 raise SegensError(f"{path}: not a TorchScript file ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with "
