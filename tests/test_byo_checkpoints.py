@@ -330,3 +330,68 @@ def test_torchscript_and_trusted_pickle_load_the_same_model(torchvision_baseline
     with pytest.raises(SegensError, match="whole.pt: holds a whole pickled model.*--trust-pickle"):
         predict_member(torchvision_baseline / "whole.pt.yaml", "test", colour_root, torchvision_baseline / "x.zarr",
                        progress=False, overwrite=True)
+
+
+YOLO_SCRIPT = COMMON + '''
+from ultralytics import YOLO
+NAMES = json.load(open(sys.argv[3]))                           # the data YAML's class order
+data = os.path.join(out, "dataset")
+for folder in ("images/train", "labels/train"):
+    os.makedirs(os.path.join(data, folder), exist_ok=True)
+for number, (image_path, json_path) in enumerate(pairs()):
+    image = cv2.imread(image_path)
+    height, width = image.shape[:2]
+    cv2.imwrite(os.path.join(data, "images/train", f"{number}.png"), image)
+    with open(os.path.join(data, "labels/train", f"{number}.txt"), "w") as labels:
+        for ann in json.load(open(json_path))["annotations"]:
+            points = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in ann["points"])
+            labels.write(f"{NAMES.index(ann['label'])} {points}\\n")
+with open(os.path.join(out, "data.yaml"), "w") as handle:
+    json.dump({"path": data, "train": "images/train", "val": "images/train", "names": NAMES}, handle)
+model = YOLO("yolov8n-seg.yaml")
+model.train(data=os.path.join(out, "data.yaml"), epochs=2, imgsz=64, batch=2, plots=False, amp=False, device="cpu",
+            workers=0, overlap_mask=False, project=out, name="train", exist_ok=True, pretrained=False, val=False,
+            verbose=False, seed=0, deterministic=True, nbs=2, warmup_epochs=0, optimizer="AdamW", lr0=0.002)
+# Two epochs from scratch leave every confidence near 4e-4, which quantizes to 0: stand in for a long run by
+# lifting the class logits of the detection head, so that detections (and the maps) are not empty.
+path = os.path.join(out, "train", "weights", "last.pt")
+checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+for key in ("model", "ema"):
+    if checkpoint.get(key) is not None:
+        for branch in checkpoint[key].model[-1].cv3:
+            branch[-1].bias.data += 6
+torch.save(checkpoint, path)
+'''
+
+
+@pytest.mark.slow
+def test_yolov8_seg_trained_with_shuffled_class_order(colour_root: Path, tmp_path_factory) -> None:
+    from ultralytics import YOLO
+
+    from segens.members.yolo import soft_predict
+
+    folder = tmp_path_factory.mktemp("yolo_baseline")
+    names = folder / "names.json"
+    names.write_text(json.dumps(SHUFFLED))
+    _run_script(YOLO_SCRIPT, folder, colour_root, str(names))
+    checkpoint = folder / "train" / "weights" / "last.pt"
+    document = {"version": 2, "name": "yolo-byo", "kind": "yolo", "input": {"size": 64, "color": "bgr"},
+                "model": {"conf": 0.001}, "checkpoints": {0: {"path": str(checkpoint), "sha256": sha256_of(checkpoint)}}}
+    got = _predict(_write_spec(folder / "member.yaml", document), colour_root, folder / "ok.zarr")
+    model = YOLO(str(checkpoint))
+    assert [model.names[i] for i in range(len(model.names))] == SHUFFLED
+    channels = [SHUFFLED.index(name) for name in CLASSES]
+    records = discover(colour_root, "test", require_labels=False).records
+    unmapped_differs = False
+    for record in records:
+        # the script's model, run on the image as ultralytics reads it (BGR), its classes put in order by name
+        raw = soft_predict(model, cv2.imread(str(record.image_path)), imgsz=64, conf=0.001, iou=0.7).class_maps
+        expected = quantize(raw[channels])
+        assert expected.any()
+        for channel, name in enumerate(CLASSES):
+            assert np.array_equal(got[record.key][channel], expected[channel]), f"{record.key} {name}"
+        unmapped_differs |= not np.array_equal(got[record.key], quantize(raw))
+    assert unmapped_differs  # taken in the model's own order, the maps would be other classes'
+    document["classes"] = list(CLASSES)
+    with pytest.raises(SegensError, match="classes .* contradict the class names recorded in .*last.pt"):
+        _predict(_write_spec(folder / "wrong.yaml", document), colour_root, folder / "wrong.zarr")
