@@ -30,8 +30,8 @@ def inspect(
             ("architecture", report.architecture), ("encoder", report.encoder),
             ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),
             ("dummy input", str(report.input_shape) if report.input_shape else None), ("output", report.output),
-            ("recorded input", yaml.safe_dump(report.recorded_input, default_flow_style=True).strip()
-             if report.recorded_input else "none recorded")]
+            ("recorded input", _flow(report.recorded_input) if report.recorded_input else "none recorded"),
+            ("input used", _flow(report.input_used) if report.input_used else None)]
     for label, value in rows:
         if value is not None:
             output.print(f"{label:>15}: {value}", markup=False, highlight=False, soft_wrap=True)
@@ -45,5 +45,10 @@ def inspect(
         output.print(f"{'classes':>15}: no class names in the checkpoint", markup=False, highlight=False, soft_wrap=True)
     for note in report.notes:
         output.print(f"{'note':>15}: {note}", markup=False, highlight=False, soft_wrap=True)
-    output.print("a member spec for it needs:", markup=False, highlight=False, soft_wrap=True)
+    output.print("the spec, as segens reads it:" if spec is not None else "a member spec for it needs:",
+                 markup=False, highlight=False, soft_wrap=True)
     output.print(yaml.safe_dump(report.spec, sort_keys=False, default_flow_style=None).rstrip(), markup=False, highlight=False, soft_wrap=True)
+
+
+def _flow(document: dict) -> str:
+    return yaml.safe_dump(document, default_flow_style=True, sort_keys=False, width=10_000).strip()

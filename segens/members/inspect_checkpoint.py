@@ -35,6 +35,7 @@ class CheckpointReport:
     class_names: list[str] | None = None
     mapping: list[tuple[int, str, int]] | None = None  # (model channel, name, competition index)
     recorded_input: dict[str, Any] | None = None
+    input_used: dict[str, Any] | None = None  # the spec's contract, when inspected with a spec
     parameters: int | None = None
     input_shape: tuple[int, ...] | None = None
     output: str | None = None
@@ -97,8 +98,8 @@ def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointRep
     with torch.no_grad():
         out = loaded(torch.zeros(shape, device=member.device), str(path))
     report.input_shape, report.output = shape, f"{loaded.output_type} {tuple(out.shape)} (competition class order)"
-    report.recorded_input = spec.input.to_dict()
-    report.notes.append("the spec's input contract is used (and checked against any the checkpoint records)")
+    report.input_used = spec.input.to_dict()
+    report.notes.append("the spec's input contract is used (a contract the checkpoint records was checked against it)")
     report.spec = {key: value for key, value in spec.to_dict().items() if key != "checkpoints"}
     return report
 
@@ -149,6 +150,7 @@ def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
     if not trust_pickle:
         report = CheckpointReport(path, "pickle (whole objects)", needs_trust_pickle=True)
         report.notes.append("loading it runs code stored in the file: pass --trust-pickle if you trust its source")
+        report.spec = {"kind": "smp, torch or yolo (seen with --trust-pickle)"}
         return report
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(payload, dict) and "train_args" in payload and (payload.get("model") or payload.get("ema")):
