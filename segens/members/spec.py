@@ -42,7 +42,17 @@ FIELDS = ("version", "name", "kind", "input_size", "input", "classes", "tta", "m
 TTA_CHOICES = ("hflip", "vflip", "{scale: s}")
 MAX_TTA_SCALE = 4.0
 POSITIVE_TRAIN_INTEGERS = ("epochs", "batch_size", "batch", "predict_batch_size")
-Side = pydantic.conint(strict=True, gt=0, le=MAX_SIDE)
+
+
+def _side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE
+
+
+def _check_size(value: Any) -> Any:
+    """A positive side up to MAX_SIDE, or [height, width] of them."""
+    if value is None or _side(value) or (isinstance(value, list) and len(value) == 2 and all(map(_side, value))):
+        return value
+    raise ValueError(f"must be a positive integer side or [height, width], each at most {MAX_SIDE}, got {value!r}")
 
 
 class _Strict(pydantic.BaseModel):
@@ -55,16 +65,26 @@ class _Normalize(_Strict):
 
 
 class _Input(_Strict):
-    size: Side | pydantic.conlist(Side, min_length=2, max_length=2) | None = None
+    size: Any = None
     channels: Literal[1, 3] = 3
     color: Literal["gray", "rgb", "bgr"] = "gray"
     scale: pydantic.confloat(gt=0) = 255.0
-    normalize: Literal["none", "imagenet"] | _Normalize = "none"
+    normalize: Any = "none"
     resize: Literal["area", "bilinear", "nearest"] = "area"
 
+    _size = pydantic.field_validator("size")(classmethod(lambda cls, value: _check_size(value)))
 
-class _ScalePass(_Strict):
-    scale: pydantic.confloat(gt=0, le=MAX_TTA_SCALE)
+    @pydantic.field_validator("normalize")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        if value in ("none", "imagenet"):
+            return value
+        if isinstance(value, dict) and set(value) == {"mean", "std"} and all(
+                isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                for v in value.values()):
+            _check_finite(value, "")
+            return value
+        raise ValueError(f"must be none, imagenet or {{mean: [...], std: [...]}} (one number per channel), got {value!r}")
 
 
 class _Checkpoint(_Strict):
@@ -77,10 +97,10 @@ class _Spec(_Strict):
     version: Literal[1, 2] = SPEC_VERSION
     name: str
     kind: str
-    input_size: Side | pydantic.conlist(Side, min_length=2, max_length=2) | None = None
+    input_size: Any = None
     input: _Input | None = None
     classes: list[str] | None = None
-    tta: list[Literal["hflip", "vflip"] | _ScalePass] | None = None
+    tta: list[Any] | None = None
     model: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     checkpoints: dict[int, _Checkpoint] | None = None
@@ -93,6 +113,19 @@ class _Spec(_Strict):
         if kind not in kinds():
             raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(kinds())}")
         return kind
+
+    _size = pydantic.field_validator("input_size")(classmethod(lambda cls, value: _check_size(value)))
+
+    @pydantic.field_validator("tta")
+    @classmethod
+    def _tta(cls, tta: list[Any] | None) -> list[Any] | None:
+        for index, entry in enumerate(tta or []):
+            scale = entry.get("scale") if isinstance(entry, dict) and set(entry) == {"scale"} else None
+            scaled = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= MAX_TTA_SCALE
+            if entry not in ("hflip", "vflip") and not scaled:
+                raise ValueError(f"entry {index} must be hflip, vflip or {{scale: s}} with 0 < s <= {MAX_TTA_SCALE:g}, "
+                                 f"got {entry!r}")
+        return tta
 
     @pydantic.field_validator("model", "train")
     @classmethod
@@ -236,7 +269,7 @@ def spec_from_dict(document: Any, where: str, path: Path | None = None) -> Membe
         contract = InputContract.from_document(input_doc, size or alias or (512, 512))
     except SegensError as exc:
         raise SegensError(f"{where}: {exc}") from None
-    tta = [entry if isinstance(entry, str) else {"scale": entry.scale} for entry in (parsed.tta or [])]
+    tta = [entry if isinstance(entry, str) else {"scale": float(entry["scale"])} for entry in (parsed.tta or [])]
     base = path.parent if path else Path.cwd()
     checkpoints = {}
     for fold, entry in (parsed.checkpoints or {}).items():
