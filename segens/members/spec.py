@@ -39,7 +39,6 @@ from segens.safeload import check_name, load_yaml, validate
 SPEC_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 FIELDS = ("version", "name", "kind", "input_size", "input", "classes", "tta", "model", "train", "checkpoints")
-TTA_CHOICES = ("hflip", "vflip", "{scale: s}")
 MAX_TTA_SCALE = 4.0
 POSITIVE_TRAIN_INTEGERS = ("epochs", "batch_size", "batch", "predict_batch_size")
 
@@ -59,11 +58,6 @@ class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class _Normalize(_Strict):
-    mean: list[float]
-    std: list[float]
-
-
 class _Input(_Strict):
     size: Any = None
     channels: Literal[1, 3] = 3
@@ -72,7 +66,10 @@ class _Input(_Strict):
     normalize: Any = "none"
     resize: Literal["area", "bilinear", "nearest"] = "area"
 
-    _size = pydantic.field_validator("size")(classmethod(lambda cls, value: _check_size(value)))
+    @pydantic.field_validator("size")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _check_size(value)
 
     @pydantic.field_validator("normalize")
     @classmethod
@@ -114,7 +111,10 @@ class _Spec(_Strict):
             raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(kinds())}")
         return kind
 
-    _size = pydantic.field_validator("input_size")(classmethod(lambda cls, value: _check_size(value)))
+    @pydantic.field_validator("input_size")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _check_size(value)
 
     @pydantic.field_validator("tta")
     @classmethod
