@@ -213,6 +213,9 @@ class SmpMember(NetworkMember):
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
                    progress: bool = True) -> FoldResult:
         """Train one fold; keep best.pt by validation Dice, last.pt for resuming, history.json per epoch."""
+        if self.spec.classes is not None and list(self.spec.classes) != list(CLASSES):
+            raise SegensError(f"{self.where}: 'classes' gives the channel order of a checkpoint trained elsewhere; "
+                              "segens trains in the competition's order: remove 'classes' to train this member")
         settings = self.spec.train
         epochs = int(settings.get("epochs", 30))
         out_dir = Path(out_dir)
