@@ -249,3 +249,11 @@ def test_inspect_prints_what_a_spec_needs_and_writes_nothing(tmp_path: Path) -> 
     with_spec = CliRunner().invoke(app, ["inspect", str(tmp_path / "best.pt"), "--spec", str(spec)])
     assert with_spec.exit_code == 0 and "logits (1, 29, 64, 64)" in with_spec.output
     assert sorted(tmp_path.iterdir()) == sorted([*before, tmp_path / "whole.pt", tmp_path / "m.yaml"])
+
+
+def test_training_refuses_a_foreign_class_order(tmp_path: Path) -> None:
+    spec = MemberSpec(name="m", kind="smp", input_size=(64, 64), model=SMALL_UNET, classes=list(reversed(CLASSES)),
+                      path=tmp_path / "m.yaml")
+    with pytest.raises(SegensError, match=r"m\.yaml: 'classes' gives the channel order of a checkpoint trained elsewhere"):
+        SmpMember(spec).train_fold(0, [], [], tmp_path / "fold0", progress=False)
+    assert not (tmp_path / "fold0").exists()
