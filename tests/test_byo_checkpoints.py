@@ -298,6 +298,7 @@ def test_torch_kind_errors_name_the_problem(torchvision_baseline: Path, colour_r
         predict(shuffled, "repeated")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning")  # users still have TorchScript files
 def test_torchscript_and_trusted_pickle_load_the_same_model(torchvision_baseline: Path, colour_root: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(torchvision_baseline))
