@@ -3,7 +3,7 @@
 Commands live in one module per area (data, folds, members, ensemble) and register with the app in _app.
 """
 
-from segens.cli import data, ensemble, folds, inspect, members  # noqa: F401  (each module registers its commands)
+from segens.cli import checkpoints, data, ensemble, folds, inspect, members  # noqa: F401  (each registers its commands)
 from segens.cli._app import app, main
 
 __all__ = ["app", "main"]

@@ -22,8 +22,9 @@ AUGMENTATIONS = ("hflip", "rotate", "clahe", "brightness_contrast")
 
 
 class Augment:
-    """Callable (image uint8 (H, W), masks uint8 (C, H, W), rng) -> (image float32 (1, H, W) in [0, 1], masks
-    float32 (C, H, W)); with an empty config it only converts."""
+    """Callable (image uint8 (H, W) or (H, W, 3), masks uint8 (C, H, W), rng) -> (image float32 (1 or 3, H, W)
+    pixel values in 0..255, masks float32 (C, H, W)); with an empty config it only converts. Scaling and
+    normalization are the input contract's (segens.members.input_contract), applied after this."""
 
     def __init__(self, config: Mapping[str, Any] | None, where: str = "member spec") -> None:
         config = dict(config or {})
@@ -46,11 +47,19 @@ class Augment:
 
     def __call__(self, image: np.ndarray, masks: np.ndarray, generator: torch.Generator | None = None):
         if self.clahe_probability and torch.rand(1, generator=generator).item() < self.clahe_probability:
-            image = self._clahe.apply(image)
-        image_tensor = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image))[None])
+            image = self._clahe.apply(image) if image.ndim == 2 else _clahe_colour(self._clahe, image)
+        pixels = torch.from_numpy(np.ascontiguousarray(image))
+        image_tensor = tv_tensors.Image(pixels[None] if image.ndim == 2 else pixels.permute(2, 0, 1))
         mask_tensor = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks)))
         if self.geometric is not None:
             image_tensor, mask_tensor = self.geometric(image_tensor, mask_tensor)
         if self.photometric is not None:
             image_tensor = self.photometric(image_tensor)
-        return image_tensor.as_subclass(torch.Tensor).float() / 255.0, mask_tensor.as_subclass(torch.Tensor).float()
+        return image_tensor.as_subclass(torch.Tensor).float(), mask_tensor.as_subclass(torch.Tensor).float()
+
+
+def _clahe_colour(clahe: cv2.CLAHE, image: np.ndarray) -> np.ndarray:
+    """CLAHE of a colour image on its lightness only (channels keep their order)."""
+    lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB)
+    lab[:, :, 0] = clahe.apply(np.ascontiguousarray(lab[:, :, 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)

@@ -1,25 +1,22 @@
-"""A torch Dataset of labelled images resized to a member's input size, for training and validation."""
+"""A torch Dataset of labelled images made into network input by the member's input contract, for training."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segens.dataset import ImageRecord, read_image
+from segens.dataset import ImageRecord
 from segens.labels import check_points_inside, parse_label_json, rasterize
+from segens.members.input_contract import InputContract
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 -> (height, width) uint8 with area interpolation (bilinear when enlarging)."""
-    height, width = size
-    if image.shape == (height, width):
-        return image
-    shrinking = height < image.shape[0] and width < image.shape[1]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    """(H, W) uint8 -> (height, width) uint8 with area interpolation (bilinear when enlarging): the default
+    input contract's resize."""
+    return InputContract(size=tuple(size)).resize_image(image)
 
 
 def record_masks_at(record: ImageRecord, image_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -32,20 +29,22 @@ def record_masks_at(record: ImageRecord, image_shape: tuple[int, int], size: tup
 
 
 class LabelledImages(Dataset):
-    """Item i: (image float32 (in_channels, h, w) in [0, 1], masks float32 (29, h, w)) at the input size."""
+    """Item i: (image float32 (channels, h, w) as the input contract makes it, masks float32 (29, h, w)) at the
+    contract's size; the image is read and resized by the contract, augmented, then scaled and normalized, so
+    training sees what prediction sees."""
 
-    def __init__(self, records: Sequence[ImageRecord], size: tuple[int, int], augment, in_channels: int = 3):
+    def __init__(self, records: Sequence[ImageRecord], contract: InputContract, augment):
         self.records = list(records)
-        self.size = size
+        self.contract = contract
+        self.size = contract.size
         self.augment = augment
-        self.in_channels = in_channels
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[index]
-        image = read_image(record.image_path)
-        masks = record_masks_at(record, image.shape, self.size)
-        image_tensor, mask_tensor = self.augment(resize_image(image, self.size), masks)
-        return image_tensor.expand(self.in_channels, -1, -1).contiguous(), mask_tensor
+        image = self.contract.read(record.image_path)
+        masks = record_masks_at(record, image.shape[:2], self.size)
+        pixels, mask_tensor = self.augment(self.contract.resize_image(image), masks)
+        return self.contract.to_tensor(pixels), mask_tensor

@@ -1,7 +1,9 @@
 """The interface every member kind implements (one module per kind, registered in segens.members.registry).
 
 A member is built from its spec once per process (it may hold models in memory) and then trains folds or
-predicts images. Probabilities are float32 in [0, 1], shape (29, H, W) at the image's original size.
+predicts images. Probabilities are float32 in [0, 1], shape (29, H, W) at the image's original size, in the
+competition's class order. Kinds that run a torch network subclass segens.members.network.NetworkMember, which
+does the input contract, TTA, class mapping and fold averaging; they only say how a checkpoint loads.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Member(Protocol):
         ``out_dir`` (resuming from its last checkpoint if one is there)."""
         ...
 
+    def read_image(self, path: Path) -> np.ndarray:
+        """An image as the member's input contract reads it: (H, W) or (H, W, 3) uint8 (optional: without it,
+        segens.dataset.read_image's grayscale is used)."""
+        ...
+
     def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
-        """(H, W) uint8 images -> (29, H, W) float32 probabilities, averaged over the checkpoints of ``folds``."""
+        """Images from ``read_image`` -> (29, H, W) float32 probabilities, averaged over the checkpoints of ``folds``."""
         ...

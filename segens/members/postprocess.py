@@ -54,7 +54,8 @@ def passes_to_uint8(passes: list[torch.Tensor], height: int, width: int,
     """Several (C, h, w) logit maps (folds, flipped passes) -> uint8 of the mean of their sigmoids, and boxes.
 
     Equal to ``reference_passes_to_uint8``: per pass bilinear upsampling and sigmoid in float32, summed in
-    pass order, divided by the pass count, quantized; computed only where some pass can be non-zero.
+    pass order, divided by the pass count, quantized; computed only where some pass can be non-zero. Passes may
+    have different sizes (scaled TTA); each is upsampled straight to (height, width).
     """
     if len(passes) == 1:
         return logits_to_uint8(passes[0], height, width, where)
@@ -67,11 +68,12 @@ def passes_to_uint8(passes: list[torch.Tensor], height: int, width: int,
         if not present:
             boxes.append(None)
             continue
-        region = (min(r[0] for r in present), max(r[1] for r in present), min(r[2] for r in present),
-                  max(r[3] for r in present))
-        plane_shape = checked[0].shape[1:]
-        rows = _output_span(region[0], region[1], plane_shape[0], height)
-        cols = _output_span(region[2], region[3], plane_shape[1], width)
+        # passes may differ in size (scaled TTA): the union of each active pass's output span
+        spans = [(_output_span(region[channel][0], region[channel][1], logits.shape[1], height),
+                  _output_span(region[channel][2], region[channel][3], logits.shape[2], width))
+                 for logits, region in zip(checked, regions) if region[channel] is not None]
+        rows = (min(span[0][0] for span in spans), max(span[0][1] for span in spans))
+        cols = (min(span[1][0] for span in spans), max(span[1][1] for span in spans))
         total = None
         for logits in checked:
             term = _sigmoid(_upsample_region(logits[channel], rows, cols, height, width))

@@ -95,7 +95,8 @@ def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[i
     fast quantized path (smp) use it; others' float32 maps are quantized here; csv reads its CSV, not pixels."""
     if not getattr(member, "uses_folds", True):
         return [(values, None) for values in member.predict_records(records, split)]
-    images = [read_image(record.image_path) for record in records]
+    read = getattr(member, "read_image", read_image)  # network kinds read by their input contract
+    images = [read(record.image_path) for record in records]
     if hasattr(member, "predict_uint8"):
         return member.predict_uint8(images, folds_used)
     return [(quantize(probabilities), None) for probabilities in member.predict(images, folds_used)]

@@ -1,7 +1,8 @@
 """The registry of member kinds: a new kind of member is one new module that calls ``register``.
 
-An adapter exposes ``predict(spec, fold_or_folds, image) -> (29, H, W) float32 probabilities`` through an
-object built once per process (see segens.members.base)."""
+An adapter exposes ``predict(images, folds) -> (29, H, W) float32 probabilities`` through an object built once
+per process (see segens.members.base); kinds that run a network subclass segens.members.network.NetworkMember
+and only say how they load a model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 from segens.errors import SegensError
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
-BUILTIN_KINDS = {"smp": "segens.members.smp", "yolo": "segens.members.yolo", "csv": "segens.members.csv_member"}
+BUILTIN_KINDS = {"smp": "segens.members.smp", "yolo": "segens.members.yolo", "csv": "segens.members.csv_member",
+                 "torch": "segens.members.torch_member"}
 
 
 def register(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

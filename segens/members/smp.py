@@ -5,9 +5,10 @@ Spec fields: ``model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weigh
 options: {decoder_attention_type: scse}}`` (options: keyword arguments of the architecture);
 ``train: {epochs, batch_size, lr, weight_decay, optimizer: adam|adamw|lion, scheduler: none|plateau|cosine,
 loss: {bce: 0.5, dice: 0.5}, augment: {hflip: 0.5, rotate: 15, clahe: 0.3, brightness_contrast: 0.2},
-seed, workers}``. Checkpoints are a dict of the architecture fields and the state_dict (``format:
-segens-smp``); a directory saved with smp's ``save_pretrained`` loads too, a whole pickled model only with
-``trust_pickle``.
+seed, workers}``. Checkpoints are a dict of the architecture fields, the class names, the input contract and the
+state_dict (``format: segens-smp``); a directory saved with smp's ``save_pretrained`` loads too, a whole pickled
+model only with ``trust_pickle``. Class names found in a checkpoint (or the spec's ``classes``) map its channels
+to the competition's classes; the input contract and prediction are segens.members.network's.
 """
 
 from __future__ import annotations
@@ -17,21 +18,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import TextColumn
 
 from segens.atomic import atomic_write, atomic_write_text
-from segens.classes import NUM_CLASSES
-from segens.dataset import ImageRecord, read_image, read_record_mask
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.dataset import ImageRecord, read_record_mask
 from segens.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
 from segens.folds.augment import Augment
 from segens.folds.losses import WeightedLoss
-from segens.folds.torchdata import LabelledImages, resize_image
+from segens.folds.torchdata import LabelledImages
 from segens.members.base import FoldResult
-from segens.members.postprocess import passes_to_uint8
+from segens.members.class_map import names_from
+from segens.members.network import LoadedModel, NetworkMember, average_passes
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
 from segens.progress import console, progress_bar
@@ -117,35 +117,72 @@ def load_resume_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
     return saved
 
 
+def _module(model: Any, path: Path) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise SegensError(f"{path}: did not load as a torch model (got {type(model).__name__})")
+    return model
+
+
+def recorded_input(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The input contract a segens checkpoint records (version 1 recorded only the size and channels)."""
+    if isinstance(payload.get("input"), dict):
+        return payload["input"]
+    if payload.get("input_size") is not None:
+        return {"size": list(payload["input_size"]), "channels": int(payload.get("in_channels", 3))}
+    return None
+
+
+def pretrained_class_names(folder: Path) -> list[str] | None:
+    """Class names an smp ``save_pretrained`` folder's config.json carries (class_names, classes as a list, or
+    Hugging Face's id2label), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("class_names", "classes", "id2label"):
+        names = names_from(config.get(key))
+        if names is not None:
+            return names
+    return None
+
+
 @register("smp")
-class SmpMember:
-    """Adapter for smp models: builds, trains one fold at a time, loads checkpoints, predicts probabilities."""
+class SmpMember(NetworkMember):
+    """Adapter for smp models: builds, trains one fold at a time, loads checkpoints; prediction is the shared
+    network path (segens.members.network)."""
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        where = str(spec.path or spec.name)
+        where = spec.where
         _check_fields(spec.model, MODEL_FIELDS, where, "model")
         _check_fields(spec.train, TRAIN_FIELDS, where, "train")
         for required in ("architecture", "encoder"):
             if required not in spec.model:
                 raise SegensError(f"{where}: model.{required} is required for kind smp (e.g. UnetPlusPlus, vgg19)")
-        if any(side % 32 for side in spec.input_size):
-            raise SegensError(f"{where}: input_size {list(spec.input_size)} must be a multiple of 32 for smp models")
-        self.spec = spec
-        self.where = where
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
-        self.trust_pickle = trust_pickle
-        self._models: dict[int, torch.nn.Module] = {}
+        if any(side % 32 for side in spec.input.size):
+            raise SegensError(f"{where}: input size {list(spec.input.size)} must be a multiple of 32 for smp models")
+        if int(spec.model.get("in_channels", spec.input.channels)) != spec.input.channels:
+            raise SegensError(f"{where}: model.in_channels {spec.model['in_channels']} differs from input.channels "
+                              f"{spec.input.channels}; set input.channels only")
+        super().__init__(spec, device, trust_pickle)
 
     # ---- models and checkpoints -------------------------------------------------------------------------
     def new_model(self) -> torch.nn.Module:
         model = self.spec.model
         return build_model(model["architecture"], model["encoder"], model.get("encoder_weights"),
-                           int(model.get("in_channels", 3)), model.get("options"), self.where)
+                           self.spec.input.channels, model.get("options"), self.where)
+
+    def load(self, path: Path) -> LoadedModel:
+        """A checked model with its class order (from the checkpoint's names or the spec's ``classes``)."""
+        module, names = self._load(Path(path))
+        order, names = self.class_order(names, Path(path))
+        return self.checked(LoadedModel(module, order, names=names), Path(path))
 
     def load_checkpoint(self, path: Path) -> torch.nn.Module:
         """A model from a segens checkpoint, a state_dict, an smp ``save_pretrained`` folder or (trusted) a pickle."""
-        path = Path(path)
+        return self.load(path).module
+
+    def _load(self, path: Path) -> tuple[torch.nn.Module, list[str] | None]:
+        """(model, class names it records or None); the recorded input contract is checked against the spec."""
         if not path.exists():
             raise SegensError(f"{path}: checkpoint not found (member {self.spec.name}); train it or fix the spec")
         if path.is_dir():
@@ -155,7 +192,7 @@ class SmpMember:
                 model = smp.from_pretrained(str(path))
             except Exception as exc:  # noqa: BLE001 - any failure here is a bad checkpoint folder
                 raise SegensError(f"{path}: not an smp save_pretrained folder ({exc})") from None
-            return self._checked(model, path)
+            return _module(model, path), pretrained_class_names(path)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
@@ -165,8 +202,12 @@ class SmpMember:
                 raise SegensError(
                     f"{path}: holds a whole pickled model; loading it runs code stored in the file. Pass "
                     "--trust-pickle if you trust its source, or re-save it as a state_dict") from None
-            return self._checked(torch.load(path, map_location="cpu", weights_only=False), path)
+            model = _module(torch.load(path, map_location="cpu", weights_only=False), path)
+            return model, names_from(getattr(model, "classes", None))
+        names = None
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            self.spec.input.check_recorded(recorded_input(payload), path, self.where)
+            names = names_from(payload.get("classes"))
             model = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
                                 payload.get("options"), str(path))
             state = payload["state_dict"]
@@ -180,75 +221,21 @@ class SmpMember:
             message = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
             raise SegensError(f"{path}: weights do not fit {self.spec.model.get('architecture')}/"
                               f"{self.spec.model.get('encoder')} with {NUM_CLASSES} classes ({message})") from None
-        return self._checked(model, path)
+        return model, names
 
-    def _checked(self, model: torch.nn.Module, path: Path) -> torch.nn.Module:
-        if not isinstance(model, torch.nn.Module):
-            raise SegensError(f"{path}: did not load as a torch model")
-        model.eval().to(self.device)
-        size = self.spec.input_size
-        in_channels = int(self.spec.model.get("in_channels", 3))
-        with torch.no_grad():
-            out = logits_of(model(torch.zeros(1, in_channels, *size, device=self.device)))
-        if out.shape[1] != NUM_CLASSES:
-            raise SegensError(f"{path}: the model outputs {out.shape[1]} channels, segens needs {NUM_CLASSES} (one per class)")
+    def model_for(self, fold: int) -> LoadedModel:
+        model = super().model_for(fold)
+        if not isinstance(model, LoadedModel):  # a bare module put in the cache: the competition's order, logits
+            model = self._models[fold] = LoadedModel(model)
         return model
-
-    def model_for(self, fold: int) -> torch.nn.Module:
-        if fold not in self._models:
-            self._models[fold] = self.load_checkpoint(self.spec.checkpoint(fold).path)
-        return self._models[fold]
-
-    # ---- prediction -------------------------------------------------------------------------------------
-    def _batch_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        size = self.spec.input_size
-        in_channels = int(self.spec.model.get("in_channels", 3))
-        batch = np.stack([resize_image(image, size) for image in images]).astype(np.float32) / 255.0
-        return torch.from_numpy(batch)[:, None].expand(-1, in_channels, -1, -1).to(self.device)
-
-    def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 29, h, w) in float32, averaged with the flipped pass when the spec asks for hflip TTA."""
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = logits_of(model(batch)).float()
-            if "hflip" in self.spec.tta:
-                flipped = logits_of(model(batch.flip(-1))).float().flip(-1)
-                return torch.stack([logits, flipped])
-        return logits[None]
-
-    def pass_logits(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[list[torch.Tensor]]:
-        """Per image, its (29, h, w) float32 CPU logits at the input size: fold by fold, then the flipped pass."""
-        batch_size = int(self.spec.train.get("predict_batch_size", 4))
-        passes: list[list[torch.Tensor]] = [[] for _ in images]
-        for start in range(0, len(images), batch_size):
-            tensor = self._batch_tensor(images[start : start + batch_size])
-            for fold in folds:
-                logits = self._forward(self.model_for(fold), tensor).cpu()  # (passes, N, 29, h, w)
-                for index in range(logits.shape[1]):
-                    passes[start + index].extend(logits[:, index])
-        return passes
-
-    def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
-        """(H, W) uint8 images -> (29, H, W) float32 probabilities: each pass's logits upsampled bilinearly to
-        the image's size, sigmoid, summed in pass order and divided by the pass count (probability space)."""
-        results = []
-        for image, passes in zip(images, self.pass_logits(images, folds)):
-            total = None
-            for logits in passes:
-                term = torch.sigmoid(F.interpolate(logits[None], size=image.shape, mode="bilinear", align_corners=False)[0])
-                total = term if total is None else total + term
-            results.append((total / np.float32(len(passes))).numpy())
-        return results
-
-    def predict_uint8(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[tuple[np.ndarray, list]]:
-        """The quantized ``predict`` (identical values) with per-class boxes, computed only where a class can be
-        non-zero: the fast path for writing stores."""
-        return [passes_to_uint8(passes, *image.shape, where=f"member {self.spec.name}")
-                for image, passes in zip(images, self.pass_logits(images, folds))]
 
     # ---- training ---------------------------------------------------------------------------------------
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
                    progress: bool = True) -> FoldResult:
         """Train one fold; keep best.pt by validation Dice, last.pt for resuming, history.json per epoch."""
+        if self.spec.classes is not None and list(self.spec.classes) != list(CLASSES):
+            raise SegensError(f"{self.where}: 'classes' gives the channel order of a checkpoint trained elsewhere; "
+                              "segens trains in the competition's order: remove 'classes' to train this member")
         settings = self.spec.train
         epochs = int(settings.get("epochs", 30))
         out_dir = Path(out_dir)
@@ -271,8 +258,7 @@ class SmpMember:
             if state["epoch"] < epochs:
                 console.print(f"{self.spec.name} fold {fold}: resuming after epoch {state['epoch']}", markup=False)
         loader = torch.utils.data.DataLoader(
-            LabelledImages(train, self.spec.input_size, Augment(settings.get("augment"), self.where),
-                           int(self.spec.model.get("in_channels", 3))),
+            LabelledImages(train, self.spec.input, Augment(settings.get("augment"), self.where)),
             batch_size=int(settings.get("batch_size", 2)), shuffle=True, num_workers=int(settings.get("workers", 0)),
             drop_last=len(train) > int(settings.get("batch_size", 2)),
         )
@@ -299,10 +285,10 @@ class SmpMember:
         return FoldResult(Checkpoint(best_path, sha256_of(best_path), state["best_dice"]), state["history"])
 
     def _checkpoint_payload(self, model: torch.nn.Module) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "version": 1, "architecture": self.spec.model["architecture"],
-                "encoder": self.spec.model["encoder"], "in_channels": int(self.spec.model.get("in_channels", 3)),
+        return {"format": CHECKPOINT_FORMAT, "version": 2, "architecture": self.spec.model["architecture"],
+                "encoder": self.spec.model["encoder"], "in_channels": self.spec.input.channels,
                 "options": self.spec.model.get("options") or {},
-                "classes": NUM_CLASSES, "input_size": list(self.spec.input_size),
+                "classes": list(CLASSES), "input": self.spec.input.to_dict(),
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
     def _train_epoch(self, model, loader, optimizer, loss_fn, label: str, progress: bool) -> float:
@@ -323,14 +309,14 @@ class SmpMember:
         return total / max(count, 1)
 
     def validate(self, model: torch.nn.Module, val: Sequence[ImageRecord]) -> float:
-        """The competition's Dice of ``model`` on ``val``: logits upsampled to each label's own size, p > 0.5."""
+        """The competition's Dice of ``model`` on ``val``: the prediction path's probabilities (input contract,
+        TTA) at each label's own size, p > 0.5."""
         model.eval()
         table = DiceTable()
         for record in val:
-            image = read_image(record.image_path)
-            logits = self._forward(model, self._batch_tensor([image]))[:, 0]
-            upsampled = F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False)
-            pred = (torch.sigmoid(upsampled).mean(0) > 0.5).cpu().numpy()
+            image = self.read_image(record.image_path)
+            (passes,) = self.model_passes(LoadedModel(model), [image])
+            pred = (average_passes(passes, *image.shape[:2]) > 0.5).numpy()
             table.add(record.key, dice_per_class(pred, read_record_mask(record)))
         return table.mean() if table.scores else 0.0
 

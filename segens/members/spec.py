@@ -2,34 +2,157 @@
 writer of the format; ``ens train-member`` writes checkpoints into it, ``ens predict-member`` reads them.
 
 ```yaml
-version: 1
-name: unetpp-vgg19
-kind: smp                      # a registered adapter kind: smp, yolo, csv
-input_size: 512                # square side, or [height, width]; the network's input
-tta: [hflip]                   # test-time augmentation: [] or [hflip]
+version: 2
+name: unetpp-vgg19             # letters, digits, '.', '_', '+', '-': it names folders
+kind: smp                      # a registered adapter kind: smp, yolo, torch, csv
+input: {size: [512, 512], channels: 3, color: gray, scale: 255, normalize: none, resize: area}
+classes: [finger-1, ...]       # optional: the model's output channel order, when it is not the competition's
+tta: [hflip, vflip, {scale: 0.75}]   # test-time augmentation passes besides the plain one
 model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weights: null}   # kind-specific
 train: {epochs: 30, batch_size: 2, lr: 0.001}                                # kind-specific
 checkpoints:                   # fold -> checkpoint, relative to this file's folder
   0: {path: unetpp-vgg19/fold0/best.pt, sha256: 3f1e..., val_dice: 0.93}
 ```
+
+Version-1 specs (``input_size: 512`` instead of ``input``) are still read; version 2 is written. The document is
+read with segens.safeload (bounded size, nesting and alias expansion) and validated by a strict pydantic model.
+See segens.members.input_contract for the ``input`` fields.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
 
 from segens.atomic import atomic_write_text
 from segens.errors import SegensError
+from segens.members.input_contract import MAX_SIDE, InputContract
+from segens.safeload import check_name, load_yaml, validate
 
-SPEC_VERSION = 1
-FIELDS = ("version", "name", "kind", "input_size", "tta", "model", "train", "checkpoints")
-TTA_CHOICES = ("hflip",)
+SPEC_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FIELDS = ("version", "name", "kind", "input_size", "input", "classes", "tta", "model", "train", "checkpoints")
+MAX_TTA_SCALE = 4.0
+POSITIVE_TRAIN_INTEGERS = ("epochs", "batch_size", "batch", "predict_batch_size")
+
+
+def _side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE
+
+
+def _check_size(value: Any) -> Any:
+    """A positive side up to MAX_SIDE, or [height, width] of them."""
+    if value is None or _side(value) or (isinstance(value, list) and len(value) == 2 and all(map(_side, value))):
+        return value
+    raise ValueError(f"must be a positive integer side or [height, width], each at most {MAX_SIDE}, got {value!r}")
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class _Input(_Strict):
+    size: Any = None
+    channels: Literal[1, 3] = 3
+    color: Literal["gray", "rgb", "bgr"] = "gray"
+    scale: pydantic.confloat(gt=0) = 255.0
+    normalize: Any = "none"
+    resize: Literal["area", "bilinear", "nearest"] = "area"
+
+    @pydantic.field_validator("size")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _check_size(value)
+
+    @pydantic.field_validator("normalize")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        if value in ("none", "imagenet"):
+            return value
+        if isinstance(value, dict) and set(value) == {"mean", "std"} and all(
+                isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                for v in value.values()):
+            _check_finite(value, "")
+            return value
+        raise ValueError(f"must be none, imagenet or {{mean: [...], std: [...]}} (one number per channel), got {value!r}")
+
+
+class _Checkpoint(_Strict):
+    path: str
+    sha256: str
+    val_dice: float | None = None
+
+
+class _Spec(_Strict):
+    version: Literal[1, 2] = SPEC_VERSION
+    name: str
+    kind: str
+    input_size: Any = None
+    input: _Input | None = None
+    classes: list[str] | None = None
+    tta: list[Any] | None = None
+    model: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    checkpoints: dict[int, _Checkpoint] | None = None
+
+    @pydantic.field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from segens.members.registry import kinds
+
+        if kind not in kinds():
+            raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(kinds())}")
+        return kind
+
+    @pydantic.field_validator("input_size")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _check_size(value)
+
+    @pydantic.field_validator("tta")
+    @classmethod
+    def _tta(cls, tta: list[Any] | None) -> list[Any] | None:
+        for index, entry in enumerate(tta or []):
+            scale = entry.get("scale") if isinstance(entry, dict) and set(entry) == {"scale"} else None
+            scaled = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= MAX_TTA_SCALE
+            if entry not in ("hflip", "vflip") and not scaled:
+                raise ValueError(f"entry {index} must be hflip, vflip or {{scale: s}} with 0 < s <= {MAX_TTA_SCALE:g}, "
+                                 f"got {entry!r}")
+        return tta
+
+    @pydantic.field_validator("model", "train")
+    @classmethod
+    def _finite(cls, section: dict[str, Any] | None) -> dict[str, Any] | None:
+        _check_finite(section, "")
+        return section
+
+    @pydantic.field_validator("train")
+    @classmethod
+    def _positive(cls, train: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in POSITIVE_TRAIN_INTEGERS:
+            value = (train or {}).get(key)
+            if key in (train or {}) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return train
+
+
+def _check_finite(value: Any, at: str) -> None:
+    """ValueError for a NaN or infinite number anywhere in a nested document."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{at.lstrip('.') or 'value'} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{at}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{at}[{index}]")
 
 
 @dataclass
@@ -43,16 +166,31 @@ class Checkpoint:
 
 @dataclass
 class MemberSpec:
-    """A member: identity, input handling, kind-specific model and training settings, checkpoints by fold."""
+    """A member: identity, input contract, class order, TTA, kind-specific settings, checkpoints by fold.
+
+    ``input`` is the source of truth for the input; ``input_size`` mirrors ``input.size`` (given alone, it makes
+    the default contract at that size)."""
 
     name: str
     kind: str
     input_size: tuple[int, int] = (512, 512)
-    tta: list[str] = field(default_factory=list)
+    tta: list[Any] = field(default_factory=list)  # "hflip", "vflip" or {"scale": s}
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
     path: Path | None = None  # the YAML file it was read from, if any
+    input: InputContract | None = None
+    classes: list[str] | None = None  # the model's output channel order, if the spec gives it
+
+    def __post_init__(self) -> None:
+        if self.input is None:
+            self.input = InputContract(size=tuple(self.input_size))
+        self.input_size = tuple(self.input.size)
+
+    @property
+    def where(self) -> str:
+        """How errors name this spec: its file, or its name."""
+        return str(self.path or self.name)
 
     def checkpoint(self, fold: int) -> Checkpoint:
         """The checkpoint of a fold, or a SegensError saying how to make it."""
@@ -65,7 +203,8 @@ class MemberSpec:
         return self.checkpoints[fold]
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML document, checkpoint paths relative to the spec's folder where possible."""
+        """The version-2 YAML document: the full ``input`` mapping (defaults filled in), ``classes`` when given,
+        checkpoint paths relative to the spec's folder where possible."""
         base = self.path.parent.resolve() if self.path else None
         checkpoints = {}
         for fold, checkpoint in sorted(self.checkpoints.items()):
@@ -76,9 +215,13 @@ class MemberSpec:
             if checkpoint.val_dice is not None:
                 entry["val_dice"] = round(float(checkpoint.val_dice), 6)
             checkpoints[fold] = entry
-        return {"version": SPEC_VERSION, "name": self.name, "kind": self.kind,
-                "input_size": list(self.input_size), "tta": list(self.tta), "model": copy.deepcopy(self.model),
-                "train": copy.deepcopy(self.train), "checkpoints": checkpoints}
+        document: dict[str, Any] = {"version": SPEC_VERSION, "name": self.name, "kind": self.kind,
+                                    "input": self.input.to_dict()}
+        if self.classes is not None:
+            document["classes"] = list(self.classes)
+        document.update({"tta": copy.deepcopy(list(self.tta)), "model": copy.deepcopy(self.model),
+                         "train": copy.deepcopy(self.train), "checkpoints": checkpoints})
+        return document
 
 
 def sha256_of(path: str | Path) -> str:
@@ -95,69 +238,57 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _input_size(value: Any, where: str) -> tuple[int, int]:
-    if isinstance(value, int) and value > 0:
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
-        return int(value[0]), int(value[1])
-    raise SegensError(f"{where}: input_size must be a positive integer or [height, width], got {value!r}")
+def _size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def spec_from_dict(document: Any, where: str, path: Path | None = None) -> MemberSpec:
-    """Validate a spec document; unknown fields, versions or kinds are SegensErrors naming ``where``."""
-    from segens.members.registry import kinds
-
+    """Validate a spec document (version 1 or 2); anything wrong is a SegensError naming ``where`` and the field."""
     if not isinstance(document, dict):
         raise SegensError(f"{where}: a member spec is a YAML mapping with at least 'name' and 'kind'")
-    unknown = sorted(set(document) - set(FIELDS))
+    version = document.get("version", SPEC_VERSION)
+    if version not in READABLE_VERSIONS:
+        raise SegensError(f"{where}: spec version {version!r} is not known to this segens (knows "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    unknown = sorted(str(key) for key in set(document) - set(FIELDS))
     if unknown:
         raise SegensError(f"{where}: unknown field(s) {', '.join(unknown)}; a spec has: {', '.join(FIELDS)}")
-    version = document.get("version", SPEC_VERSION)
-    if version != SPEC_VERSION:
-        raise SegensError(f"{where}: spec version {version!r} is not known to this segens (knows {SPEC_VERSION})")
-    for required in ("name", "kind"):
-        if not isinstance(document.get(required), str) or not document[required]:
-            raise SegensError(f"{where}: '{required}' is required and must be a non-empty string")
-    if document["kind"] not in kinds():
-        raise SegensError(f"{where}: unknown kind {document['kind']!r}; known kinds: {', '.join(kinds())}")
-    tta = document.get("tta") or []
-    if not isinstance(tta, list) or any(t not in TTA_CHOICES for t in tta):
-        raise SegensError(f"{where}: tta must be a list of {', '.join(TTA_CHOICES)}, got {tta!r}")
-    for section in ("model", "train"):
-        if not isinstance(document.get(section) or {}, dict):
-            raise SegensError(f"{where}: '{section}' must be a mapping")
+    if "name" in document:
+        check_name(document["name"], "member name", where)
+    parsed = validate(_Spec, document, where)
+    input_doc = parsed.input.model_dump(exclude_unset=True) if parsed.input is not None else {}
+    in_channels = (parsed.model or {}).get("in_channels")
+    if "channels" not in input_doc and in_channels in (1, 3):  # version 1 said it in the smp model section
+        input_doc["channels"] = in_channels
+    alias, size = _size(parsed.input_size), _size(input_doc.get("size"))
+    if alias is not None and size is not None and alias != size:
+        raise SegensError(f"{where}: input_size {list(alias)} and input.size {list(size)} disagree; keep input.size")
+    try:
+        contract = InputContract.from_document(input_doc, size or alias or (512, 512))
+    except SegensError as exc:
+        raise SegensError(f"{where}: {exc}") from None
+    tta = [entry if isinstance(entry, str) else {"scale": float(entry["scale"])} for entry in (parsed.tta or [])]
     base = path.parent if path else Path.cwd()
     checkpoints = {}
-    for fold, entry in (document.get("checkpoints") or {}).items():
-        if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
-            raise SegensError(f"{where}: checkpoint of fold {fold} needs 'path' and 'sha256'")
-        try:
-            fold_number = int(fold)
-        except (TypeError, ValueError):
-            raise SegensError(f"{where}: checkpoint fold {fold!r} is not an integer") from None
-        checkpoint_path = Path(entry["path"])
-        checkpoints[fold_number] = Checkpoint(
-            checkpoint_path if checkpoint_path.is_absolute() else base / checkpoint_path,
-            str(entry["sha256"]), entry.get("val_dice"),
-        )
-    return MemberSpec(
-        name=document["name"], kind=document["kind"],
-        input_size=_input_size(document.get("input_size", 512), where), tta=list(tta),
-        model=dict(document.get("model") or {}), train=dict(document.get("train") or {}),
-        checkpoints=checkpoints, path=path,
-    )
+    for fold, entry in (parsed.checkpoints or {}).items():
+        checkpoint_path = Path(entry.path)
+        checkpoints[fold] = Checkpoint(checkpoint_path if checkpoint_path.is_absolute() else base / checkpoint_path,
+                                       entry.sha256, entry.val_dice)
+    if parsed.classes is not None:
+        from segens.members.class_map import class_permutation
+
+        class_permutation(parsed.classes, f"{where}: classes")
+    return MemberSpec(name=parsed.name, kind=parsed.kind, tta=tta, model=dict(parsed.model or {}),
+                      train=dict(parsed.train or {}), checkpoints=checkpoints, path=path, input=contract,
+                      classes=list(parsed.classes) if parsed.classes is not None else None)
 
 
 def load_spec(path: str | Path) -> MemberSpec:
-    """Read and validate a member spec YAML file."""
+    """Read and validate a member spec YAML file (bounded: see segens.safeload)."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SegensError(f"{path}: cannot read member spec ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise SegensError(f"{path}: not valid YAML ({exc})") from None
-    return spec_from_dict(document, str(path), path)
+    return spec_from_dict(load_yaml(path, "member spec"), str(path), path)
 
 
 def save_spec(spec: MemberSpec, path: str | Path | None = None) -> Path:

@@ -3,8 +3,9 @@ soft (29, H, W) probability maps.
 
 ```yaml
 kind: yolo
-input_size: 640                  # square side the images are letterboxed to
-tta: [hflip]                     # optional
+input: {size: 640, color: gray}  # square side the images are letterboxed to; gray or bgr (see below)
+classes: [...]                   # optional: the model's class order, if its names are not the competition's
+tta: [hflip, vflip, {scale: 1.25}]   # optional: passes averaged in probability space
 model: {config: yolov8n-seg.yaml, conf: 0.01, iou: 0.7, max_det: 300}   # the defaults
 train: {epochs: 50, batch: 8, seed: 0, patience: 100, optimizer: AdamW, lr0: 0.001}
 ```
@@ -13,6 +14,11 @@ Ultralytics only returns binary masks. A class's probability here is the maximum
 ``sigmoid(mask logit) * box confidence``, computed at the image's original size with the same upsampling as
 ultralytics' ``retina_masks=True`` (so ``sigmoid > 0.5`` is exactly its mask). Training uses
 ``overlap_mask=False``: ultralytics' default paints instance masks over one another and loses multi-label pixels.
+
+Input contract: ultralytics letterboxes, scales by 255 and normalizes nothing itself, so a spec's ``input`` may
+only set ``size`` (square, a multiple of 32) and ``color``: ``gray`` (the grayscale image, as BGR) or ``bgr`` (the
+PNG as ``cv2.imread`` reads it, which is what ultralytics trains on; the same for grayscale PNGs). The model's
+class names (``model.names``, or the spec's ``classes``) map its classes to the competition's by name.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ from ultralytics.utils.patches import torch_load  # noqa: E402
 
 from segens.atomic import atomic_write_text  # noqa: E402
 from segens.classes import NUM_CLASSES  # noqa: E402
-from segens.dataset import ImageRecord, read_image, read_record_mask  # noqa: E402
+from segens.dataset import ImageRecord, read_record_mask  # noqa: E402
 from segens.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
 from segens.folds.yolo_data import write_fold_dataset  # noqa: E402
 from segens.members.base import FoldResult  # noqa: E402
+from segens.members.class_map import class_permutation, names_from, resolve_names  # noqa: E402
+from segens.members.input_contract import InputContract  # noqa: E402
+from segens.members.network import scaled_size, tta_passes  # noqa: E402
 from segens.members.registry import register  # noqa: E402
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of  # noqa: E402
 
@@ -137,10 +146,12 @@ class _InstancePredictor(SoftSegmentationPredictor):
 
 def soft_predict(model: YOLO, image: np.ndarray, *, imgsz: int, conf: float, iou: float, max_det: int = 300,
                  device: str = "cpu", keep_instances: bool = False) -> SoftResult:
-    """Soft prediction of one (H, W) uint8 grayscale image by a loaded YOLO segmentation model (see SoftResult)."""
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise SegensError(f"yolo member: expected an (H, W) uint8 grayscale image, got {image.dtype} {image.shape}")
-    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    """Soft prediction of one (H, W) grayscale or (H, W, 3) BGR uint8 image by a loaded YOLO segmentation model
+    (see SoftResult); class maps are in the model's class order."""
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise SegensError(f"yolo member: expected an (H, W) grayscale or (H, W, 3) BGR uint8 image, got "
+                          f"{image.dtype} {image.shape}")
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image
     predictor = _InstancePredictor if keep_instances else SoftSegmentationPredictor
     (result,) = model.predict(source=bgr, predictor=predictor, imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
                               device=device, verbose=False, save=False)
@@ -215,7 +226,9 @@ class YoloMember:
         where = str(spec.path or spec.name)
         self.model_settings = _settings(spec.model, MODEL_DEFAULTS, tuple(MODEL_DEFAULTS), where, "model")
         self.train_settings = _settings(spec.train, TRAIN_DEFAULTS, TRAIN_FIELDS, where, "train")
-        self.imgsz = _square_size(spec.input_size, where)
+        self.imgsz = _square_size(spec.input.size, where)
+        _check_contract(spec.input, where)
+        self.passes = tta_passes(spec.tta)
         _check_settings(self.model_settings, self.train_settings, where)
         self._models: dict[tuple[str, int, int], YOLO] = {}
 
@@ -255,7 +268,7 @@ class YoloMember:
         """The competition's mean Dice of one checkpoint on labelled records (probabilities > 0.5, spec TTA)."""
         table = DiceTable()
         for record in val:
-            probabilities = self._predict_checkpoint(Path(checkpoint), read_image(record.image_path), trusted=True)
+            probabilities = self._predict_checkpoint(Path(checkpoint), self.read_image(record.image_path), trusted=True)
             table.add(record.key, dice_per_class(probabilities > 0.5, read_record_mask(record)))
         return table.mean()
 
@@ -296,8 +309,12 @@ class YoloMember:
 
     # ---- prediction -----------------------------------------------------------------------------------------
 
+    def read_image(self, path: str | Path) -> np.ndarray:
+        """An image as the input contract reads it: (H, W) gray or (H, W, 3) BGR uint8."""
+        return self.spec.input.read(path)
+
     def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
-        """(H, W) uint8 images -> (29, H, W) float32 probabilities in [0, 1], averaged over the folds' checkpoints
+        """(H, W) or (H, W, 3) uint8 images -> (29, H, W) float32 probabilities in [0, 1], averaged over the folds' checkpoints
         (each checked against its sha256 when first loaded)."""
         if not folds:
             raise SegensError(f"{self.spec.path or self.spec.name}: predict needs at least one fold")
@@ -313,16 +330,34 @@ class YoloMember:
 
     def _predict_checkpoint(self, path: Path, image: np.ndarray, sha256: str | None = None,
                             trusted: bool = False) -> np.ndarray:
-        """(29, H, W) float32 probabilities of one checkpoint, with the spec's TTA averaged in."""
+        """(29, H, W) float32 probabilities of one checkpoint in the competition's class order, the spec's TTA
+        passes (flips, scaled letterbox sizes) summed in order and divided by their count."""
         model = self._model(path, sha256, trusted)
-        maps = self._soft(model, image)
-        if "hflip" in self.spec.tta:
-            flipped = self._soft(model, np.ascontiguousarray(image[:, ::-1]))
-            maps = (maps + flipped[:, :, ::-1]) / np.float32(2)
+        order, _ = self._class_order(model, path)
+        total = None
+        for tta in self.passes:
+            view = image[:, ::-1] if tta.hflip else image
+            view = view[::-1] if tta.vflip else view
+            imgsz = scaled_size((self.imgsz, self.imgsz), tta.scale, 32)[0] if tta.scale != 1 else self.imgsz
+            maps = self._soft(model, np.ascontiguousarray(view), imgsz)
+            maps = maps[:, :, ::-1] if tta.hflip else maps
+            maps = maps[:, ::-1] if tta.vflip else maps
+            total = maps if total is None else total + maps
+        maps = total / np.float32(len(self.passes)) if len(self.passes) > 1 else total
+        if order is not None:
+            maps = maps[order]
         return np.ascontiguousarray(maps, dtype=np.float32)
 
-    def _soft(self, model: YOLO, image: np.ndarray) -> np.ndarray:
-        result = soft_predict(model, image, imgsz=self.imgsz, conf=float(self.model_settings["conf"]),
+    def _class_order(self, model: YOLO, path: Path) -> tuple[list[int] | None, list[str] | None]:
+        """(competition class -> model class, names) from ``model.names`` or the spec's ``classes``."""
+        names = names_from(model.names)
+        if names is not None and names == [str(index) for index in range(len(names))]:
+            names = None  # ultralytics' placeholder names for a data YAML without names
+        names = resolve_names(self.spec.classes, names, str(self.spec.path or self.spec.name), str(path))
+        return (class_permutation(names, f"{path}: class names") if names is not None else None), names
+
+    def _soft(self, model: YOLO, image: np.ndarray, imgsz: int | None = None) -> np.ndarray:
+        result = soft_predict(model, image, imgsz=imgsz or self.imgsz, conf=float(self.model_settings["conf"]),
                               iou=float(self.model_settings["iou"]), max_det=int(self.model_settings["max_det"]),
                               device=self.device)
         return result.class_maps
@@ -385,11 +420,24 @@ def _check_settings(model: dict[str, Any], train: dict[str, Any], where: str) ->
             raise SegensError(f"{where}: train.{name} must be a positive integer, got {train[name]!r}")
 
 
+def _check_contract(contract: InputContract, where: str) -> None:
+    """SegensError for input contract fields that ultralytics' own preprocessing would silently ignore."""
+    fixed = {"channels": 3, "scale": 255, "normalize": "none", "resize": "area"}
+    given = contract.to_dict()
+    for key, value in fixed.items():
+        if given[key] != value:
+            raise SegensError(f"{where}: kind yolo cannot use input.{key} {given[key]!r}: ultralytics letterboxes, "
+                              f"divides by 255 and does not normalize; leave input.{key} out (it is {value!r})")
+    if contract.color not in ("gray", "bgr"):
+        raise SegensError(f"{where}: kind yolo takes input.color gray or bgr (ultralytics reads BGR and makes RGB "
+                          f"itself), got {contract.color!r}")
+
+
 def _square_size(size: tuple[int, int], where: str) -> int:
     """The square side YOLO letterboxes to; a SegensError for a non-square input_size."""
     if size[0] != size[1]:
-        raise SegensError(f"{where}: kind yolo trains on square inputs; set input_size to one integer "
+        raise SegensError(f"{where}: kind yolo trains on square inputs; set input.size to one integer "
                           f"(got {list(size)})")
     if size[0] % 32:
-        raise SegensError(f"{where}: kind yolo needs input_size to be a multiple of 32 (got {size[0]})")
+        raise SegensError(f"{where}: kind yolo needs input.size to be a multiple of 32 (got {size[0]})")
     return int(size[0])

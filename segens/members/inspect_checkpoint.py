@@ -1,0 +1,238 @@
+"""``ens inspect CHECKPOINT [--spec SPEC]``: what a checkpoint holds and what a member spec for it must say.
+
+It loads the checkpoint (never writes anything): its format, architecture and encoder when known, the class names
+it carries and how they map to the competition's, the input contract it records, its parameter count and its
+output on a dummy input. With a spec, the checkpoint is loaded exactly as ``ens predict-member`` would load it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segens.classes import CLASSES, NUM_CLASSES
+from segens.errors import SegensError
+from segens.members.class_map import class_permutation, names_from
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+DUMMY_SIDE = 256
+"""Side of the dummy input when neither the checkpoint nor a spec gives an input size."""
+
+
+@dataclass
+class CheckpointReport:
+    """What ``ens inspect`` found; ``spec`` is the YAML a member spec for this checkpoint needs."""
+
+    path: Path
+    format: str
+    kind: str | None = None
+    architecture: str | None = None
+    encoder: str | None = None
+    class_names: list[str] | None = None
+    mapping: list[tuple[int, str, int]] | None = None  # (model channel, name, competition index)
+    recorded_input: dict[str, Any] | None = None
+    input_used: dict[str, Any] | None = None  # the spec's contract, when inspected with a spec
+    parameters: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    output: str | None = None
+    needs_trust_pickle: bool = False
+    notes: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
+                       trust_pickle: bool = False) -> CheckpointReport:
+    """Load ``path`` (with the spec's member kind when ``spec_path`` is given) and describe it."""
+    path = Path(path)
+    if not path.exists():
+        raise SegensError(f"{path}: checkpoint not found")
+    if spec_path is not None:
+        return _with_spec(path, Path(spec_path), trust_pickle)
+    if path.is_dir():
+        return _pretrained(path)
+    from segens.members.torch_member import is_torchscript
+
+    if is_torchscript(path):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+        report = CheckpointReport(path, "TorchScript", kind="torch")
+        return _describe_module(report, module, None)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if "Weights only load failed" not in str(exc):
+            raise SegensError(f"{path}: not a loadable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        return _pickled(path, trust_pickle)
+    return _weights(path, payload)
+
+
+def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointReport:
+    from segens.members.registry import factory
+    from segens.members.spec import load_spec
+
+    spec = load_spec(spec_path)
+    member = factory(spec.kind)(spec, trust_pickle=trust_pickle)
+    report = CheckpointReport(path, f"loaded as kind {spec.kind} by {spec_path}", kind=spec.kind)
+    if spec.kind == "yolo":
+        model = member._model(path, trusted=trust_pickle)
+        order, names = member._class_order(model, path)
+        _names(report, names)
+        report.parameters = sum(p.numel() for p in model.model.parameters())
+        report.output = f"ultralytics {model.task} model, {len(model.names)} classes"
+        report.spec = spec.to_dict()
+        return report
+    if not hasattr(member, "load"):
+        raise SegensError(f"{spec_path}: kind {spec.kind} has no checkpoints to inspect")
+    loaded = member.load(path)
+    _names(report, loaded.names)
+    module = loaded.module
+    report.parameters = sum(p.numel() for p in module.parameters()) if isinstance(module, torch.nn.Module) else None
+    shape = (1, spec.input.channels, *spec.input.size)
+    with torch.no_grad():
+        out = loaded(torch.zeros(shape, device=member.device), str(path))
+    report.input_shape, report.output = shape, f"{loaded.output_type} {tuple(out.shape)} (competition class order)"
+    report.input_used = spec.input.to_dict()
+    report.notes.append("the spec's input contract is used (a contract the checkpoint records was checked against it)")
+    report.spec = {key: value for key, value in spec.to_dict().items() if key != "checkpoints"}
+    return report
+
+
+def _pretrained(path: Path) -> CheckpointReport:
+    import segmentation_models_pytorch as smp
+
+    from segens.members.smp import pretrained_class_names
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+        module = smp.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure is a bad folder
+        raise SegensError(f"{path}: not an smp save_pretrained folder ({exc})") from None
+    report = CheckpointReport(path, "smp save_pretrained folder", kind="smp",
+                              architecture=config.get("_model_class"), encoder=config.get("encoder_name"))
+    return _describe_module(report, module, pretrained_class_names(path))
+
+
+def _weights(path: Path, payload: Any) -> CheckpointReport:
+    from segens.members.smp import CHECKPOINT_FORMAT, build_model, recorded_input
+
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        report = CheckpointReport(path, f"segens smp checkpoint (version {payload.get('version', 1)})", kind="smp",
+                                  architecture=payload["architecture"], encoder=payload["encoder"],
+                                  recorded_input=recorded_input(payload))
+        module = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
+                             payload.get("options"), str(path))
+        module.load_state_dict(payload["state_dict"])
+        if payload.get("options"):
+            report.spec["model"] = {"architecture": payload["architecture"], "encoder": payload["encoder"],
+                                    "options": payload["options"]}
+        return _describe_module(report, module, names_from(payload.get("classes")))
+    from segens.members.torch_member import _state_dict
+
+    state = _state_dict(payload, path)
+    report = CheckpointReport(path, f"state_dict ({len(state)} tensors)", kind=None,
+                              parameters=sum(t.numel() for key, t in state.items() if not key.endswith(_BUFFERS)))
+    report.notes.append("a state_dict holds no architecture: inspect it again with --spec, using kind smp "
+                        "(model.architecture, model.encoder) or kind torch (model.factory)")
+    heads = [(key, tuple(t.shape)) for key, t in state.items() if t.ndim >= 1][-2:]
+    report.output = "last tensors: " + ", ".join(f"{key} {shape}" for key, shape in heads)
+    report.spec = {"kind": "smp or torch", "input": "as the training script made its tensors (see README)"}
+    return report
+
+
+def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
+    if not trust_pickle:
+        report = CheckpointReport(path, "pickle (whole objects)", needs_trust_pickle=True)
+        report.notes.append("loading it runs code stored in the file: pass --trust-pickle if you trust its source")
+        report.spec = {"kind": "smp, torch or yolo (seen with --trust-pickle)"}
+        return report
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "train_args" in payload and (payload.get("model") or payload.get("ema")):
+        model = payload.get("model") or payload["ema"]
+        report = CheckpointReport(path, "ultralytics checkpoint", kind="yolo", needs_trust_pickle=True,
+                                  architecture=str(payload["train_args"].get("model")))
+        _names(report, names_from(getattr(model, "names", None)))
+        report.parameters = sum(p.numel() for p in model.parameters())
+        size = payload["train_args"].get("imgsz")
+        report.output = f"{getattr(model, 'task', 'segment')} model trained at imgsz {size}"
+        report.spec = {"kind": "yolo", "input": {"size": size, "color": "bgr"}}
+        return report
+    if not isinstance(payload, torch.nn.Module):
+        raise SegensError(f"{path}: the pickle holds a {type(payload).__name__}, neither a model nor a checkpoint "
+                          "segens knows")
+    name = getattr(payload, "name", None)
+    is_smp = type(payload).__module__.startswith("segmentation_models_pytorch")
+    report = CheckpointReport(path, f"pickled model ({type(payload).__module__}.{type(payload).__name__})",
+                              kind="smp" if is_smp else "torch", needs_trust_pickle=True,
+                              architecture=type(payload).__name__,
+                              encoder=name.split("-", 1)[1] if is_smp and isinstance(name, str) and "-" in name else None)
+    return _describe_module(report, payload, names_from(getattr(payload, "classes", None)))
+
+
+def _names(report: CheckpointReport, names: list[str] | None) -> None:
+    report.class_names = names
+    if names is None:
+        return
+    try:
+        order = class_permutation(names, str(report.path))
+    except SegensError as exc:
+        report.notes.append(str(exc))
+        return
+    order = order or list(range(NUM_CLASSES))
+    report.mapping = [(order[index], name, index) for index, name in enumerate(CLASSES)]
+
+
+def _describe_module(report: CheckpointReport, module: Any, names: list[str] | None) -> CheckpointReport:
+    """Parameters, class mapping, a dummy forward and the spec fields it implies."""
+    _names(report, names)
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+        report.parameters = sum(p.numel() for p in module.parameters())
+    size = (report.recorded_input or {}).get("size") or [DUMMY_SIDE, DUMMY_SIDE]
+    channels = int((report.recorded_input or {}).get("channels", 3))
+    report.input_shape = (1, channels, *size)
+    try:
+        with torch.no_grad():
+            raw = module(torch.zeros(report.input_shape))
+        report.output = _describe_output(raw)
+    except Exception as exc:  # noqa: BLE001 - the forward is the user's code
+        report.output = f"the forward failed on {report.input_shape} ({type(exc).__name__}: {exc})"
+    spec: dict[str, Any] = {"kind": report.kind}
+    spec["input"] = report.recorded_input or "not recorded: say how the training script made its tensors"
+    if names is None:
+        spec["classes"] = "only if the output channels are not in the competition's order"
+    if report.kind == "smp":
+        spec["model"] = report.spec.get("model") or {"architecture": report.architecture or "?",
+                                                     "encoder": report.encoder or "?"}
+    elif report.kind == "torch" and isinstance(raw_key := _dict_key(module, report), str):
+        spec["model"] = {"output": {"type": "logits", "key": raw_key}}
+    report.spec = spec
+    return report
+
+
+def _dict_key(module: Any, report: CheckpointReport) -> str | None:
+    """The key holding the maps when the forward returns a dict (from the output description)."""
+    if report.output and report.output.startswith("dict"):
+        return "out" if "'out'" in report.output else report.output.split("'")[1]
+    return None
+
+
+def _describe_output(raw: Any) -> str:
+    if isinstance(raw, torch.Tensor):
+        return f"tensor {tuple(raw.shape)}" + ("" if raw.ndim == 4 and raw.shape[1] == NUM_CLASSES else
+                                               f" (segens needs (N, {NUM_CLASSES}, h, w))")
+    if isinstance(raw, dict):
+        parts = [f"{key!r}: " + (f"tensor {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__)
+                 for key, v in raw.items()]
+        return "dict {" + ", ".join(parts) + "}"
+    if isinstance(raw, (tuple, list)):
+        first = raw[0] if raw else None
+        return f"{type(raw).__name__} of {len(raw)}, first " + (f"tensor {tuple(first.shape)}"
+                                                                if isinstance(first, torch.Tensor) else type(first).__name__)
+    return type(raw).__name__
