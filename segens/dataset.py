@@ -185,7 +185,9 @@ def _other_format_size(path: Path) -> tuple[int, int]:
                 width, height = image.size
     except Image.DecompressionBombError as exc:
         raise SegensError(f"{path}: its header claims too many pixels ({exc}); replace or remove it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError):
+        # ImportError: once ultralytics is imported, its patched Image.open tries an optional HEIF plugin for any
+        # file Pillow cannot identify, and that plugin is not installed
         raise SegensError(f"{path}: not a readable image; replace or remove it") from None
     return height, width
 

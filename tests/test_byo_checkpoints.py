@@ -171,6 +171,16 @@ def _predict(spec: Path, root: Path, out: Path) -> dict[str, np.ndarray]:
     return {key: store.read(key) for key in store.keys()}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The scripts infer with one thread (OMP_NUM_THREADS=1); segens must too, in this process, for bit-equal float
+    results: a convolution's summation order depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def colour_root(tmp_path_factory) -> Path:
     return _colour_data(tmp_path_factory.mktemp("byo") / "data")
