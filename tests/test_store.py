@@ -439,3 +439,12 @@ def test_a_version_1_store_is_refused_with_what_to_do(tmp_path):
     (path / "zarr.json").write_text(json.dumps(root))
     with pytest.raises(SegensError, match=r"version 1 is not known to this segens \(knows 2\); rewrite it"):
         open_store(path)
+
+
+def test_a_planned_key_that_escapes_the_store_is_refused_on_open(tmp_path):
+    path, _ = written_store(tmp_path)
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["images"] = ["../../outside"]
+    (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(SegensError, match=r"'\.\./\.\./outside' is not a valid image key"):
+        open_store(path)

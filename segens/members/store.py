@@ -518,6 +518,8 @@ def _check_format(attributes: dict[str, Any], url: str) -> None:
             or not all(isinstance(c, dict) and "sha256" in c for c in attributes["checkpoints"].values()):
         raise SegensError(f"{url}: the store's split, planned images or checkpoints are malformed; rewrite the "
                           "store with `ens predict-member --overwrite`")
+    for key in attributes["images"]:
+        _check_key(key, url)
 
 
 def _make_store(url: str, storage_options: dict[str, Any] | None, read_only: bool) -> zarr.abc.store.Store:
