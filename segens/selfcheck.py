@@ -43,10 +43,13 @@ def write_label_submission(root: Path, split: str, out_csv: Path, shift: int = 0
     return matches
 
 
-def run_selfcheck(out: str | Path, size: int = 512, seed: int = 0, progress: bool = True) -> SelfCheckResult:
-    """Generate ``out/data``, write and score label submissions; raise SegensError if a convention breaks."""
+def run_selfcheck(out: str | Path, size: int = 512, seed: int = 0, progress: bool = True,
+                  overwrite: bool = False) -> SelfCheckResult:
+    """Generate ``out/data`` (replacing an earlier one only with ``overwrite``), write and score label submissions;
+    raise SegensError if a convention breaks."""
     out = Path(out)
-    summary = generate(out / "data", n_train_patients=2, n_test_patients=2, size=size, seed=seed, progress=progress)
+    summary = generate(out / "data", n_train_patients=2, n_test_patients=2, size=size, seed=seed, progress=progress,
+                       overwrite=overwrite)
     root = Path(summary.root)
     exact_csv, shifted_csv = out / "labels_as_submission.csv", out / "labels_shifted_3px.csv"
     matches = write_label_submission(root, "test", exact_csv)

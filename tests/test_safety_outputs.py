@@ -295,3 +295,12 @@ def test_search_weights_outputs_are_checked_before_the_search(csv_project: Path,
         search_weights(stores, csv_project / "data", None, tmp_path / "r2.json", progress=False)
     assert (tmp_path / "recipe.json").read_text() == "{}" and not (tmp_path / "r.json").exists()
     assert [p.name for p in tmp_path.glob(".*.partial")] == [".r2.json.partial"]
+
+
+def test_selfcheck_replaces_its_earlier_data_set_only_with_overwrite(tmp_path: Path) -> None:
+    from segens.selfcheck import run_selfcheck
+
+    run_selfcheck(tmp_path, size=64, progress=False)
+    with pytest.raises(SegensError, match=r"data: already holds a data set \(train\).*pass --overwrite to replace it"):
+        run_selfcheck(tmp_path, size=64, progress=False)
+    assert run_selfcheck(tmp_path, size=64, progress=False, overwrite=True).dice_exact == 1.0

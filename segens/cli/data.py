@@ -42,6 +42,7 @@ def synth(
 def selfcheck(
     out: Annotated[Path, typer.Option(help="Working folder for the small data set and CSVs.")] = Path("selfcheck"),
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
+    overwrite: Annotated[bool, typer.Option(help="Replace the data set and CSVs of an earlier self-check in OUT.")] = False,
 ) -> None:
     """Check the conventions end to end on a fresh synthetic data set.
 
@@ -52,7 +53,7 @@ def selfcheck(
     """
     from segens.selfcheck import run_selfcheck
 
-    result = run_selfcheck(out, size=size)
+    result = run_selfcheck(out, size=size, overwrite=overwrite)
     table = Table(title=f"self-check on {result.images} test images of {result.root}")
     table.add_column("check")
     table.add_column("result", justify="right")

@@ -88,7 +88,7 @@ def _clear_root(root: Path, overwrite: bool) -> None:
     existing = [root / name for name in ("train", "test", "meta_data.xlsx") if (root / name).exists()]
     if existing and not overwrite:
         raise SegensError(f"{root}: already holds a data set ({existing[0].name}); choose an empty folder "
-                          "or pass overwrite=True to replace it")
+                          "or pass --overwrite to replace it")
     for path in existing:
         if path.is_dir():
             shutil.rmtree(path)
