@@ -110,3 +110,74 @@ def test_pipelined_and_resumed_stores_are_byte_identical(project: Path, tmp_path
     resumed = predict_member(*arguments, killed, **options)
     assert (resumed.written, resumed.skipped) == (len(lost), 6 - len(lost))
     assert store_files(killed) == expected
+
+
+# ---- YOLO soft masks: per-instance upsampling within each box ---------------------------------------------------
+
+
+def test_yolo_crops_are_exact_only_without_letterbox_and_at_dyadic_ratios() -> None:
+    from segens.members.yolo import crops_are_exact
+
+    assert crops_are_exact(torch.zeros(32, 256, 256), (2048, 2048))       # imgsz 1024 on the competition's images
+    assert crops_are_exact(torch.zeros(32, 64, 64), (512, 512))
+    assert crops_are_exact(torch.zeros(32, 160, 160), (2048, 2048))       # imgsz 640: 12.8x = 64/5, exact in binary
+    assert not crops_are_exact(torch.zeros(32, 160, 160), (2000, 2000))   # 12.5x = 25/2: full-size path
+    assert not crops_are_exact(torch.zeros(32, 64, 64), (512, 384))       # letterboxed: full-size path
+
+
+@pytest.mark.parametrize(("shape", "imgsz"), [((512, 512), 256), ((512, 512), 320), ((384, 512), 256), ((400, 512), 256)])
+def test_yolo_per_box_upsampling_equals_the_full_size_path_bit_for_bit(shape: tuple[int, int], imgsz: int) -> None:
+    """Real ultralytics output (an untrained yolov8n-seg's prototypes and mask coefficients): each instance's
+    values within its box, computed from a crop, equal the full-size path's bit for bit, for boxes of every size
+    with fractional and out-of-image corners; and soft_predict's class maps are identical either way."""
+    from ultralytics import YOLO
+
+    from segens.members.yolo import (SoftSegmentationPredictor, crops_are_exact, instance_probability_chunks,
+                                     instance_probability_crops, soft_predict)
+
+    captured: dict[str, torch.Tensor] = {}
+
+    class Capture(SoftSegmentationPredictor):
+        def construct_result(self, pred, img, orig_img, img_path, proto):
+            captured.update(pred=pred.clone(), proto=proto.clone())
+            return super().construct_result(pred, img, orig_img, img_path, proto)
+
+    torch.manual_seed(0)
+    model = YOLO("yolov8n-seg.yaml")
+    image = cv2_blur(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    settings = {"imgsz": imgsz, "conf": 1e-4, "iou": 0.7, "max_det": 300}
+    model.predict(source=np.stack([image] * 3, axis=-1), predictor=Capture, verbose=False, save=False, **settings)
+    proto, coefficients = captured["proto"], captured["pred"][:, 6:]
+    assert crops_are_exact(proto, shape) == (shape != (400, 512))  # 400 rows: letterboxed to 224 of 256 px
+    height, width = shape
+    rng = np.random.default_rng(1)
+    corners = rng.uniform(-20, [width + 20, height + 20], size=(len(coefficients), 2, 2)).astype(np.float32)
+    boxes = torch.from_numpy(np.concatenate([corners.min(1), corners.max(1)], 1))
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)  # scale_boxes clips to the image
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    boxes[0] = torch.tensor([0, 0, width, height])
+    boxes[1] = torch.tensor([10.0, 20.0, 10.5, 20.25])  # narrower than a pixel
+    full = torch.cat([chunk for _, chunk in instance_probability_chunks(proto, coefficients, boxes, shape)])
+    seen = set()
+    crops = instance_probability_crops(proto, coefficients, boxes, shape) if crops_are_exact(proto, shape) else []
+    for index, (row0, row1, col0, col1), values in crops:
+        expected = full[index]
+        assert torch.equal(values, expected[row0:row1, col0:col1]), index
+        expected[row0:row1, col0:col1] = 0
+        assert not expected.any(), index  # nothing outside the crop
+        seen.add(index)
+    if crops_are_exact(proto, shape):  # every instance with a non-empty box was cropped
+        assert all(not full[index].any() for index in set(range(len(boxes))) - seen)
+        assert len(seen) >= min(len(boxes), 5)
+
+    cropped = soft_predict(model, image, **settings)
+    reference = soft_predict(model, image, crop_instances=False, **settings)
+    assert len(cropped.boxes) > 0 and np.array_equal(cropped.boxes, reference.boxes)
+    assert reference.class_maps.max() > 0 and np.array_equal(cropped.class_maps, reference.class_maps)
+
+
+def cv2_blur(image: np.ndarray) -> np.ndarray:
+    """Smooth structures rather than pixel noise."""
+    import cv2
+
+    return cv2.GaussianBlur(image, (0, 0), 6)

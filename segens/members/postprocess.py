@@ -76,7 +76,7 @@ def passes_to_uint8(passes: list[torch.Tensor], height: int, width: int,
         cols = (min(span[1][0] for span in spans), max(span[1][1] for span in spans))
         total = None
         for logits in checked:
-            term = _sigmoid(_upsample_region(logits[channel], rows, cols, height, width))
+            term = _sigmoid(upsample_region(logits[channel], rows, cols, height, width))
             total = term if total is None else total + term
         values = quantize(total / np.float32(len(checked)))
         inner = bbox(values)
@@ -106,7 +106,7 @@ def _class_values(plane: torch.Tensor, region: BBox | None, height: int,
         return None, None
     rows = _output_span(region[0], region[1], plane.shape[0], height)
     cols = _output_span(region[2], region[3], plane.shape[1], width)
-    values = quantize(_sigmoid(_upsample_region(plane, rows, cols, height, width)))
+    values = quantize(_sigmoid(upsample_region(plane, rows, cols, height, width)))
     inner = bbox(values)
     if inner is None:
         return None, None
@@ -151,7 +151,7 @@ def _output_span(start: int, stop: int, size_in: int, size_out: int) -> tuple[in
     return max(0, math.floor((start - 1) * scale) - 1), min(size_out, math.ceil((stop + 1) * scale) + 1)
 
 
-def _dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
+def dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
     """(input step, output step) of an exactly croppable ratio (output >= input, dyadic scale), else None."""
     gcd = math.gcd(size_in, size_out)
     step_in, step_out = size_in // gcd, size_out // gcd
@@ -160,10 +160,10 @@ def _dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
     return step_in, step_out
 
 
-def _upsample_region(plane: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+def upsample_region(plane: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
                      height: int, width: int) -> torch.Tensor:
     """Float32 bilinear values of output rows x cols of one (h, w) plane upsampled to (height, width)."""
-    steps = _dyadic_step(plane.shape[0], height), _dyadic_step(plane.shape[1], width)
+    steps = dyadic_step(plane.shape[0], height), dyadic_step(plane.shape[1], width)
     if steps[0] is None or steps[1] is None:  # exact only at full size
         full = F.interpolate(plane[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         return full[rows[0]:rows[1], cols[0]:cols[1]]
