@@ -125,7 +125,8 @@ def test_yolo_crops_are_exact_only_without_letterbox_and_at_dyadic_ratios() -> N
     assert not crops_are_exact(torch.zeros(32, 64, 64), (512, 384))       # letterboxed: full-size path
 
 
-@pytest.mark.parametrize(("shape", "imgsz"), [((512, 512), 256), ((512, 512), 320), ((384, 512), 256), ((400, 512), 256)])
+@pytest.mark.parametrize(("shape", "imgsz"),
+                         [((512, 512), 256), ((512, 512), 320), ((384, 512), 256), ((400, 512), 256)])
 def test_yolo_per_box_upsampling_equals_the_full_size_path_bit_for_bit(shape: tuple[int, int], imgsz: int) -> None:
     """Real ultralytics output (an untrained yolov8n-seg's prototypes and mask coefficients): each instance's
     values within its box, computed from a crop, equal the full-size path's bit for bit, for boxes of every size
