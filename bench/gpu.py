@@ -5,9 +5,8 @@
 
 Makes a few synthetic test images (2048 px; 64 px with ``--tiny``), builds the example smp members (UNet++ VGG19
 and UNet++ HRNet-W64 at input 1024 with hflip, 3 fold checkpoints each; ``--tiny``: one resnet18 Unet at 64 px,
-no warm-up runs) with random weights whose head is sharpened (weights x 8, bias -10: about 4% of the uint8 values non-zero,
-between a trained network's 1% and a briefly trained one's 22%) so that the maps are mostly empty
-with confident blobs, like a trained network's, and times per member:
+no warm-up runs) with random weights whose head is sharpened (weights x 8, bias -10: about 4% of the uint8 values
+non-zero, between a trained network's 1% and a briefly trained one's 22%), and times per member:
 
 (a) forward only: every fold x TTA pass on inputs already on the device (the limit);
 (b) ``ens predict-member --split test`` end to end (decode, network, post-processing, compression, writes),
