@@ -182,3 +182,21 @@ def cv2_blur(image: np.ndarray) -> np.ndarray:
     import cv2
 
     return cv2.GaussianBlur(image, (0, 0), 6)
+
+
+def test_pipelined_read_error_names_the_file_and_keeps_finished_images(project: Path, tmp_path: Path) -> None:
+    """An image that fails to decode in a background thread: the error names it, and the image before it (written
+    by the write pool meanwhile) is complete; resuming after the file is fixed completes the store."""
+    data = tmp_path / "data"
+    shutil.copytree(project / "data", data)
+    records = discover(data, "test", require_labels=False).records
+    broken = records[-1].image_path
+    original = broken.read_bytes()
+    broken.write_bytes(original[:40])  # a truncated PNG: the header reads, the pixels do not
+    out = tmp_path / "test.zarr"
+    with pytest.raises(SegensError, match=rf"{broken.name}: .*(not a readable image|truncated|PNG)"):
+        predict_member(project / "unet.yaml", "test", data, out, batch_size=1, progress=False)
+    assert open_store(out).completed() == {record.key for record in records[:-1]}
+    broken.write_bytes(original)
+    resumed = predict_member(project / "unet.yaml", "test", data, out, batch_size=1, progress=False)
+    assert (resumed.written, resumed.skipped) == (1, len(records) - 1)
