@@ -6,10 +6,17 @@ order (``hflip``, ``vflip``, ``{scale: s}``: the image resized to ``s`` x the in
 ``stride``). Each pass's output is flipped back, upsampled bilinearly straight to the image's original size, put
 through the sigmoid (for logits) and averaged in probability space; ``predict_uint8`` gives exactly the quantized
 ``predict`` while computing only where a class can be non-zero.
+
+On a GPU the work after the network stays there (``postprocess.passes_to_uint8_torch``: upsampling, sigmoid,
+mean, quantization and boxes on the device; only the uint8 values inside the boxes reach the host). On CPU the
+exact region path of ``postprocess.passes_to_uint8`` runs. ``SEGENS_CHANNELS_LAST=1`` and
+``SEGENS_CUDNN_BENCHMARK=1`` turn on channels_last memory format and cuDNN autotuning, on CUDA only (bench/gpu.py
+measures both).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,7 @@ import torch.nn.functional as F
 from segens.classes import NUM_CLASSES
 from segens.errors import SegensError
 from segens.members.class_map import class_permutation, resolve_names
-from segens.members.postprocess import passes_to_uint8
+from segens.members.postprocess import passes_to_uint8, passes_to_uint8_torch
 from segens.members.spec import MemberSpec
 from segens.members.store import quantize
 
@@ -112,6 +119,12 @@ class NetworkMember:
         self.trust_pickle = trust_pickle
         self.passes = tta_passes(spec.tta)
         self._models: dict[int, LoadedModel] = {}
+        cuda = self.device.type == "cuda"
+        self.postprocess_on_device = cuda
+        """True: the post-network work runs where the logits are (tests set it on CPU to check that code)."""
+        self.channels_last = cuda and os.environ.get("SEGENS_CHANNELS_LAST") == "1"
+        if cuda and os.environ.get("SEGENS_CUDNN_BENCHMARK") == "1":
+            torch.backends.cudnn.benchmark = True
 
     # ---- what a kind provides -------------------------------------------------------------------------------
     def load(self, path: Path) -> LoadedModel:
@@ -133,6 +146,8 @@ class NetworkMember:
         module = loaded.module
         if isinstance(module, torch.nn.Module):
             module.eval().to(self.device)
+            if self.channels_last:
+                module.to(memory_format=torch.channels_last)
         channels = self.spec.input.channels
         with torch.no_grad():
             out = output_of(module(torch.zeros(1, channels, *self.spec.input.size, device=self.device)),
@@ -151,7 +166,12 @@ class NetworkMember:
     def _pass_input(self, images: Sequence[np.ndarray], tta: Pass, cache: dict) -> torch.Tensor:
         size = scaled_size(self.spec.input.size, tta.scale, self.stride) if tta.scale != 1 else self.spec.input.size
         if size not in cache:
-            cache[size] = self.spec.input.batch(images, size).to(self.device)
+            batch = self.spec.input.batch(images, size)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            cache[size] = batch.to(self.device)
         batch = cache[size]
         if tta.hflip:
             batch = batch.flip(-1)
@@ -159,8 +179,10 @@ class NetworkMember:
             batch = batch.flip(-2)
         return batch
 
-    def model_passes(self, model: LoadedModel, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
-        """Per image, each TTA pass's (29, h, w) float32 CPU output of one model, flipped back."""
+    def model_passes(self, model: LoadedModel, images: Sequence[np.ndarray],
+                     on_device: bool = False) -> list[list[torch.Tensor]]:
+        """Per image, each TTA pass's (29, h, w) float32 output of one model, flipped back; on the CPU unless
+        ``on_device``."""
         outputs: list[list[torch.Tensor]] = [[] for _ in images]
         cache: dict = {}
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
@@ -170,19 +192,21 @@ class NetworkMember:
                     out = out.flip(-1)
                 if tta.vflip:
                     out = out.flip(-2)
-                out = out.float().cpu()
+                out = out.float() if on_device else out.float().cpu()
                 for index in range(len(images)):
                     outputs[index].append(out[index])
         return outputs
 
-    def pass_outputs(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[list[torch.Tensor]]:
-        """Per image, its (29, h, w) float32 CPU outputs: fold by fold, each with its TTA passes."""
+    def pass_outputs(self, images: Sequence[np.ndarray], folds: Sequence[int],
+                     on_device: bool = False) -> list[list[torch.Tensor]]:
+        """Per image, its (29, h, w) float32 outputs (on the CPU unless ``on_device``): fold by fold, each with its
+        TTA passes."""
         batch_size = int(self.spec.train.get("predict_batch_size", 4))
         passes: list[list[torch.Tensor]] = [[] for _ in images]
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             for fold in folds:
-                for index, outputs in enumerate(self.model_passes(self.model_for(fold), chunk)):
+                for index, outputs in enumerate(self.model_passes(self.model_for(fold), chunk, on_device)):
                     passes[start + index].extend(outputs)
         return passes
 
@@ -200,10 +224,15 @@ class NetworkMember:
 
     def predict_uint8(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[tuple[np.ndarray, list | None]]:
         """The quantized ``predict`` (identical values) with per-class boxes; for logits computed only where a
-        class can be non-zero."""
-        if self._output_type(folds) == "probabilities":
+        class can be non-zero; with ``postprocess_on_device``, computed where the network ran."""
+        probabilities = self._output_type(folds) == "probabilities"
+        where = f"member {self.spec.name}"
+        if self.postprocess_on_device:
+            return [passes_to_uint8_torch(passes, *image.shape[:2], where, probabilities=probabilities)
+                    for image, passes in zip(images, self.pass_outputs(images, folds, on_device=True))]
+        if probabilities:
             return [(quantize(p), None) for p in self.predict(images, folds)]
-        return [passes_to_uint8(passes, *image.shape[:2], where=f"member {self.spec.name}")
+        return [passes_to_uint8(passes, *image.shape[:2], where=where)
                 for image, passes in zip(images, self.pass_outputs(images, folds))]
 
 

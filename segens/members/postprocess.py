@@ -76,7 +76,7 @@ def passes_to_uint8(passes: list[torch.Tensor], height: int, width: int,
         cols = (min(span[1][0] for span in spans), max(span[1][1] for span in spans))
         total = None
         for logits in checked:
-            term = _sigmoid(_upsample_region(logits[channel], rows, cols, height, width))
+            term = _sigmoid(upsample_region(logits[channel], rows, cols, height, width))
             total = term if total is None else total + term
         values = quantize(total / np.float32(len(checked)))
         inner = bbox(values)
@@ -106,7 +106,7 @@ def _class_values(plane: torch.Tensor, region: BBox | None, height: int,
         return None, None
     rows = _output_span(region[0], region[1], plane.shape[0], height)
     cols = _output_span(region[2], region[3], plane.shape[1], width)
-    values = quantize(_sigmoid(_upsample_region(plane, rows, cols, height, width)))
+    values = quantize(_sigmoid(upsample_region(plane, rows, cols, height, width)))
     inner = bbox(values)
     if inner is None:
         return None, None
@@ -151,7 +151,7 @@ def _output_span(start: int, stop: int, size_in: int, size_out: int) -> tuple[in
     return max(0, math.floor((start - 1) * scale) - 1), min(size_out, math.ceil((stop + 1) * scale) + 1)
 
 
-def _dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
+def dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
     """(input step, output step) of an exactly croppable ratio (output >= input, dyadic scale), else None."""
     gcd = math.gcd(size_in, size_out)
     step_in, step_out = size_in // gcd, size_out // gcd
@@ -160,10 +160,10 @@ def _dyadic_step(size_in: int, size_out: int) -> tuple[int, int] | None:
     return step_in, step_out
 
 
-def _upsample_region(plane: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+def upsample_region(plane: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
                      height: int, width: int) -> torch.Tensor:
     """Float32 bilinear values of output rows x cols of one (h, w) plane upsampled to (height, width)."""
-    steps = _dyadic_step(plane.shape[0], height), _dyadic_step(plane.shape[1], width)
+    steps = dyadic_step(plane.shape[0], height), dyadic_step(plane.shape[1], width)
     if steps[0] is None or steps[1] is None:  # exact only at full size
         full = F.interpolate(plane[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         return full[rows[0]:rows[1], cols[0]:cols[1]]
@@ -192,3 +192,69 @@ def _sigmoid(values: torch.Tensor) -> np.ndarray:
     buffer[count:] = 0
     torch.sigmoid(buffer, out=buffer)
     return buffer[:count].numpy().reshape(values.shape)
+
+
+# ---- the device path: the same torch code on CUDA or (for tests) CPU tensors ----------------------------------
+
+
+def passes_to_uint8_torch(passes: list[torch.Tensor], height: int, width: int, where: str = "logits",
+                          probabilities: bool = False) -> tuple[np.ndarray, list[BBox | None]]:
+    """Several (C, h, w) maps on any device -> ((C, height, width) uint8 numpy, per-class boxes), computed where
+    the maps are: whole-plane bilinear upsampling, sigmoid (unless ``probabilities``), sum in pass order,
+    / count, quantization and boxes; only the uint8 values inside the boxes are copied to the host.
+
+    On CPU tensors it equals ``reference_passes_to_uint8`` bit for bit (the same float32 torch operations in
+    the same order as the reference, with the quantization of ``store.quantize``: clip to [0, 1], x 255 in
+    float32, round half to even); on CUDA the float kernels may round differently (see the README).
+    """
+    planes = [_check_device_logits(output, where) for output in passes]
+    total = None
+    for output in planes:
+        term = F.interpolate(output[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        term = term if probabilities else torch.sigmoid(term)
+        total = term if total is None else total.add_(term)
+    if len(planes) > 1:  # a device tensor divisor: CUDA would multiply by the reciprocal of a host scalar
+        total = total / torch.tensor(len(planes), dtype=torch.float32, device=total.device)
+    if probabilities and bool(torch.isnan(total).any()):
+        raise SegensError("probabilities contain NaN: the model produced NaN; check the checkpoint and input")
+    values = quantize_torch(total)
+    del total
+    return copy_boxes(values)
+
+
+def quantize_torch(probabilities: torch.Tensor) -> torch.Tensor:
+    """float32 probabilities (any shape, any device) -> uint8 ``round(clip(p, 0, 1) * 255)``, half to even: the
+    values of ``store.quantize``."""
+    scaled = probabilities.clamp_(0, 1).mul_(np.float32(255.0))
+    return torch.round(scaled).to(torch.uint8)
+
+
+def copy_boxes(values: torch.Tensor) -> tuple[np.ndarray, list[BBox | None]]:
+    """(C, H, W) uint8 on any device -> (host numpy copy holding only each class's box of non-zero values, the
+    boxes); one small transfer for the boxes, then one per non-empty class."""
+    nonzero = values > 0
+    rows, cols = nonzero.any(dim=2).cpu().numpy(), nonzero.any(dim=1).cpu().numpy()
+    out = np.zeros(tuple(values.shape), dtype=np.uint8)  # pages outside the boxes stay untouched
+    boxes: list[BBox | None] = []
+    for channel in range(values.shape[0]):
+        ys, xs = np.flatnonzero(rows[channel]), np.flatnonzero(cols[channel])
+        if ys.size == 0:
+            boxes.append(None)
+            continue
+        box = (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
+        out[channel, box[0]:box[1], box[2]:box[3]] = values[channel, box[0]:box[1], box[2]:box[3]].cpu().numpy()
+        boxes.append(box)
+    return out, boxes
+
+
+def _check_device_logits(output: torch.Tensor, where: str) -> torch.Tensor:
+    """A (29, h, w) map as float32 on its own device; a SegensError for a wrong shape or non-finite values."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 3:
+        shape = getattr(output, "shape", type(output).__name__)
+        raise SegensError(f"{where}: expected logits of shape (classes, h, w), got {shape}")
+    if output.shape[0] != NUM_CLASSES:
+        raise SegensError(f"{where}: expected {NUM_CLASSES} classes of logits, got {output.shape[0]}")
+    output = output.detach().float()
+    if not bool(torch.isfinite(output).all()):
+        raise SegensError(f"{where}: the network produced NaN or infinite logits; check the checkpoint and input")
+    return output

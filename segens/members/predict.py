@@ -3,6 +3,13 @@
 ``oof``: every training image predicted only by the checkpoint of the fold that held it out (honest
 out-of-fold predictions). ``test``: every test image, all fold checkpoints averaged in probability space.
 Completed images are skipped (resume is the default); a killed run loses at most the images in flight.
+
+Batches are fixed by each image's position in the planned list (consecutive images sharing their folds), never
+by which images are already done: a network's values can depend on the batch an image is in (a batch of 1 and
+of 4 convolve with different rounding), so a batch with any unfinished image is predicted whole and only its
+unfinished images are written. A resumed run, ``--jobs N`` and the Dask backend therefore write the same bytes
+as one uninterrupted run. Locally, the next batches' images are decoded in background threads while the
+network runs, and finished images are compressed and written in a thread pool, both through bounded queues.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,12 @@ from segens.progress import progress_bar
 
 CHUNKS_PER_WORKER = 4
 """The parallel path splits the images to do into about this many chunks per worker (whole batches each)."""
+READ_AHEAD = 2
+"""Batches whose images are decoded in background threads while the current batch is predicted."""
+WRITE_THREADS = 2
+"""Threads that compress and write finished images (blosc releases the GIL)."""
+WRITES_IN_FLIGHT = 8
+"""At most this many finished images wait for their write: memory stays flat in the number of images."""
 
 @dataclass
 class PredictSummary:
@@ -89,24 +104,40 @@ def _batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int) -> 
         yield batch
 
 
-def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[int],
-                  split: str) -> list[tuple[np.ndarray, list | None]]:
+def read_batch(member, records: Sequence[ImageRecord]) -> list[np.ndarray] | None:
+    """The decoded images of a batch as the member reads them (its input contract); None for kinds that read no
+    pixels (csv)."""
+    if not getattr(member, "uses_folds", True):
+        return None
+    read = getattr(member, "read_image", read_image)  # network kinds read by their input contract
+    return [read(record.image_path) for record in records]
+
+
+def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[int], split: str,
+                  images: Sequence[np.ndarray] | None = None) -> list[tuple[np.ndarray, list | None]]:
     """(29, H, W) uint8 probabilities per record with per-class boxes (None: computed on write). Kinds with a
-    fast quantized path (smp) use it; others' float32 maps are quantized here; csv reads its CSV, not pixels."""
+    fast quantized path (smp) use it; others' float32 maps are quantized here; csv reads its CSV, not pixels.
+    ``images`` are the records' decoded images when already read (``read_batch``)."""
     if not getattr(member, "uses_folds", True):
         return [(values, None) for values in member.predict_records(records, split)]
-    read = getattr(member, "read_image", read_image)  # network kinds read by their input contract
-    images = [read(record.image_path) for record in records]
+    if images is None:
+        images = read_batch(member, records)
     if hasattr(member, "predict_uint8"):
         return member.predict_uint8(images, folds_used)
     return [(quantize(probabilities), None) for probabilities in member.predict(images, folds_used)]
+
+
+def planned_batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int,
+                    done: set[str]) -> list[list]:
+    """The batches of the planned list (``_batches``) that hold at least one image not in ``done``."""
+    return [batch for batch in _batches(jobs, size) if any(record.key not in done for record, _ in batch)]
 
 
 def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str | Path,
                    folds_path: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
                    trust_pickle: bool = False, batch_size: int = 4, progress: bool = True, jobs: int = 1,
                    backend: str = "local", scheduler: str | None = None,
-                   storage_options: dict[str, Any] | None = None) -> PredictSummary:
+                   storage_options: dict[str, Any] | None = None, pipelined: bool = True) -> PredictSummary:
     """Predict a split into the store at ``out`` (created, or resumed if it has the same identity).
 
     ``backend="local"`` with ``jobs=1`` predicts in this process; ``jobs > 1`` in joblib processes, and
@@ -114,7 +145,9 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     each worker process builds the member once (one model copy, on its own GPU with ``device="auto"``) and writes
     its images straight into the store, so ``out`` must be reachable from every worker (a shared file system or
     a URL such as s3://bucket/m.oof.zarr opened with ``storage_options``); the data root, spec and checkpoints
-    are read by the workers at the same paths. The store's bytes do not depend on the backend.
+    are read by the workers at the same paths. The store's bytes do not depend on the backend, on resuming,
+    or on ``pipelined`` (False: decode, predict and write one batch after another in this thread, as before the
+    overlap; kept for benchmarks and as the reference of the pipelined path).
     """
     check_backend(backend, scheduler)
     if jobs < 1:
@@ -139,29 +172,87 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
                              storage_options=store_options(location, storage_options))
         done = store.completed()
         todo = [job for job in jobs_planned if job[0].key not in done]
+        batches = planned_batches(jobs_planned, batch_size, done)
         started = time.perf_counter()
         if backend == "local" and jobs == 1:
-            _run(member, store, todo, batch_size, split, progress)
+            _run(member, store, batches, done, split, progress, len(todo), pipelined)
         else:
-            _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, todo, batch_size, split,
-                          progress, n_jobs(backend, jobs), worker_count(client, jobs))
+            _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, batches, done, split,
+                          progress, len(todo), n_jobs(backend, jobs), worker_count(client, jobs))
     return PredictSummary(str(out), len(todo), len(jobs_planned) - len(todo), time.perf_counter() - started)
 
 
-def _write_batch(member, store: ProbabilityStore, batch: list, split: str) -> Iterator[str]:
-    """Predict one batch (images sharing their folds) and write each image; yields keys as they are written."""
+def _write_batch(member, store: ProbabilityStore, batch: list, split: str, done: set[str]) -> Iterator[str]:
+    """Predict one whole batch (images sharing their folds) and write each image not in ``done``; yields keys as
+    they are written."""
     records = [record for record, _ in batch]
     for record, (values, boxes) in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
-        store.write_image(record.key, values, boxes)
-        yield record.key
+        if record.key not in done:
+            store.write_image(record.key, values, boxes)
+            yield record.key
 
 
-def _run(member, store: ProbabilityStore, todo: list, batch_size: int, split: str, progress: bool) -> None:
+def _run(member, store: ProbabilityStore, batches: list[list], done: set[str], split: str, progress: bool,
+         total: int, pipelined: bool = True) -> None:
     with progress_bar("img", disable=not progress) as bar:
-        task = bar.add_task(f"{member.spec.name} {split}", total=len(todo))
-        for batch in _batches(todo, batch_size):
-            for _ in _write_batch(member, store, batch, split):
-                bar.update(task, advance=1)
+        task = bar.add_task(f"{member.spec.name} {split}", total=total)
+        if not pipelined:
+            for batch in batches:
+                for _ in _write_batch(member, store, batch, split, done):
+                    bar.update(task, advance=1)
+            return
+        for _ in _pipelined(member, store, batches, done, split):
+            bar.update(task, advance=1)
+
+
+def _pipelined(member, store: ProbabilityStore, batches: list[list], done: set[str], split: str) -> Iterator[str]:
+    """The serial path's predictions and writes, overlapped: up to ``READ_AHEAD`` batches are decoded in threads
+    while the network runs, and up to ``WRITES_IN_FLIGHT`` finished images are written by ``WRITE_THREADS``
+    threads; yields keys as their writes finish. On an error every started write is waited for (each image is
+    complete or invisible), then the error is raised."""
+    with ThreadPoolExecutor(max(1, READ_AHEAD), thread_name_prefix="segens-read") as readers, \
+            ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="segens-write") as writers:
+        pending: deque[list] = deque()  # batches whose images are being read, in order
+        reads: deque[Future] = deque()
+        writes: deque[tuple[str, Future]] = deque()
+        upcoming = iter(batches)
+
+        def read_next() -> None:
+            batch = next(upcoming, None)
+            if batch is not None:
+                reads.append(readers.submit(read_batch, member, [record for record, _ in batch]))
+                pending.append(batch)
+
+        try:
+            for _ in range(max(1, READ_AHEAD)):
+                read_next()
+            while pending:
+                batch, images = pending.popleft(), reads.popleft().result()
+                read_next()
+                records = [record for record, _ in batch]
+                results = predict_batch(member, records, batch[0][1], split, images=images)
+                del images
+                for record, (values, boxes) in zip(records, results, strict=True):
+                    if record.key in done:
+                        continue
+                    while len(writes) >= WRITES_IN_FLIGHT:
+                        key, future = writes.popleft()
+                        future.result()
+                        yield key
+                    writes.append((record.key, writers.submit(store.write_image, record.key, values, boxes)))
+                del results
+            while writes:
+                key, future = writes.popleft()
+                future.result()
+                yield key
+        finally:
+            for future in reads:
+                future.cancel()
+            for _, future in writes:  # let started writes finish: never leave the pool mid-image
+                try:
+                    future.result()
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
 
 
 # ---- the parallel path: chunks of whole batches, one member per worker process ---------------------------------
@@ -202,10 +293,11 @@ def worker_member(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: b
 
 
 def _predict_chunk(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
-                   batches: list[list], split: str) -> int:
-    """A task: predict and write a chunk of batches with this process's member; the number of images written."""
+                   batches: list[list], split: str, done: set[str]) -> int:
+    """A task: predict a chunk of whole batches with this process's member and write their images not in
+    ``done``; the number of images written."""
     member = worker_member(spec, spec_hash, device, trust_pickle)
-    return sum(1 for batch in batches for _ in _write_batch(member, store, batch, split))
+    return sum(1 for batch in batches for _ in _write_batch(member, store, batch, split, done))
 
 
 def chunk_batches(batches: list[list], workers: int) -> list[list[list]]:
@@ -220,13 +312,16 @@ def chunk_batches(batches: list[list], workers: int) -> list[list[list]]:
 
 
 def _run_parallel(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
-                  todo: list, batch_size: int, split: str, progress: bool, jobs: int, workers: int) -> None:
+                  batches: list[list], done: set[str], split: str, progress: bool, total: int, jobs: int,
+                  workers: int) -> None:
     """Chunks of the same batches as the serial path, as tasks of the active joblib backend (local or Dask)."""
     from joblib import Parallel, delayed
 
-    chunks = chunk_batches(list(_batches(todo, batch_size)), workers)
-    tasks = (delayed(_predict_chunk)(spec, spec_hash, device, trust_pickle, store, chunk, split) for chunk in chunks)
+    chunks = chunk_batches(batches, workers)
+    tasks = (delayed(_predict_chunk)(spec, spec_hash, device, trust_pickle, store, chunk, split,
+                                     {record.key for batch in chunk for record, _ in batch if record.key in done})
+             for chunk in chunks)
     with progress_bar("img", disable=not progress) as bar:
-        task = bar.add_task(f"{spec.name} {split}", total=len(todo))
+        task = bar.add_task(f"{spec.name} {split}", total=total)
         for written in Parallel(n_jobs=jobs, batch_size=1, return_as="generator_unordered")(tasks):
             bar.update(task, advance=written)

@@ -1,0 +1,244 @@
+"""predict-member on a GPU: how close end-to-end prediction gets to the network's own speed.
+
+    python bench/gpu.py [--device cuda] [--images 8] [--channels-last] [--cudnn-benchmark] [--workdir DIR]
+    python bench/gpu.py --device cpu --tiny        # seconds; runs in the test suite so the script never rots
+
+Makes a few synthetic test images (2048 px; 64 px with ``--tiny``), builds the example smp members (UNet++ VGG19
+and UNet++ HRNet-W64 at input 1024 with hflip, 3 fold checkpoints each; ``--tiny``: one resnet18 Unet at 64 px,
+no warm-up runs) with random weights whose head is sharpened (weights x 8, bias -10: about 4% of the uint8 values
+non-zero, between a trained network's 1% and a briefly trained one's 22%), and times per member:
+
+(a) forward only: every fold x TTA pass on inputs already on the device (the limit);
+(b) ``ens predict-member --split test`` end to end (decode, network, post-processing, compression, writes),
+    per image, after a warm-up run; (b)/(a) is the overhead factor (goal on a GPU: <= 1.5);
+(b0) the same with the serial path (``pipelined=False``: no overlap of decoding and writing);
+(c) training images per second (AdamW, BCE on random masks) in float32 and with AMP (autocast; GradScaler on
+    CUDA, bfloat16 on CPU);
+and, on a GPU, how far the device post-processing lands from the CPU's exact path on the same logits (maximum
+uint8 difference and the fraction of values that differ). YOLO members are not built here (left undone).
+
+It prints one table with the device's name. ``--channels-last`` / ``--cudnn-benchmark`` set
+SEGENS_CHANNELS_LAST / SEGENS_CUDNN_BENCHMARK (CUDA only) so that both can be measured on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segens.dataset import discover  # noqa: E402
+from segens.members.predict import predict_member, read_batch  # noqa: E402
+from segens.members.registry import factory  # noqa: E402
+from segens.members.spec import load_spec, sha256_of  # noqa: E402
+from segens.synth import generate  # noqa: E402
+
+
+@dataclass(frozen=True)
+class MemberSetup:
+    """A benchmarked member: name, smp architecture and encoder, input size, decoder options."""
+
+    name: str
+    architecture: str
+    encoder: str
+    input_size: int
+    options: dict
+
+
+FULL = [MemberSetup("unetpp-vgg19", "UnetPlusPlus", "vgg19", 1024, {}),
+        MemberSetup("unetpp-hrnet64", "UnetPlusPlus", "tu-hrnet_w64", 1024, {})]
+TINY = [MemberSetup("tiny-unet-r18", "Unet", "resnet18", 64, {"decoder_channels": [32, 16, 16, 8, 8]})]
+FOLDS = 3
+
+
+def build_member(setup: MemberSetup, folder: Path) -> Path:
+    """Three fold checkpoints (state_dicts, sharpened random weights) and the member's spec; the spec's path."""
+    import segmentation_models_pytorch as smp
+
+    checkpoints = {}
+    for fold in range(FOLDS):
+        torch.manual_seed(fold)
+        model = getattr(smp, setup.architecture)(encoder_name=setup.encoder, encoder_weights=None, classes=29,
+                                                 **setup.options)
+        head = model.segmentation_head[0]
+        with torch.no_grad():  # confident, mostly negative logits: boxes are small, as for a trained network
+            head.weight.mul_(8.0)
+            head.bias.fill_(-10.0)
+        path = folder / f"{setup.name}-fold{fold}.pt"
+        torch.save(model.state_dict(), path)
+        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
+    spec = folder / f"{setup.name}.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": setup.name, "kind": "smp", "input_size": setup.input_size, "tta": ["hflip"],
+        "model": {"architecture": setup.architecture, "encoder": setup.encoder, "options": setup.options},
+        "checkpoints": checkpoints}))
+    return spec
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_seconds(spec_path: Path, root: Path, device: str) -> tuple[float, object, list]:
+    """(a): seconds per image of every fold x pass forward on device-resident inputs; the member and images."""
+    spec = load_spec(spec_path)
+    member = factory(spec.kind)(spec, device=device)
+    records = discover(root, "test", require_labels=False).records
+    images = read_batch(member, records)
+    batch_size = int(spec.train.get("predict_batch_size", 4))
+    batches = [spec.input.batch(images[start:start + batch_size]).to(member.device)
+               for start in range(0, len(images), batch_size)]
+    models = [member.model_for(fold) for fold in range(FOLDS)]
+
+    def run() -> None:
+        with torch.no_grad(), torch.autocast(member.device.type, enabled=member.device.type == "cuda"):
+            for batch in batches:
+                for model in models:
+                    for tta in member.passes:
+                        model(batch.flip(-1) if tta.hflip else batch)
+
+    run()  # warm-up (cuDNN autotuning, allocator)
+    synchronize(member.device)
+    started = time.perf_counter()
+    run()
+    synchronize(member.device)
+    return (time.perf_counter() - started) / len(images), member, images
+
+
+def end_to_end_seconds(spec_path: Path, root: Path, work: Path, device: str, pipelined: bool,
+                       warm_up: bool = True) -> float:
+    """(b): seconds per image of predict-member --split test into a fresh store (after a warm-up run); the
+    member's checkpoints are loaded inside the timed run, as in real use."""
+    seconds = []
+    for run in range(2 if warm_up else 1):
+        out = work / f"{spec_path.stem}-{'p' if pipelined else 's'}{run}.zarr"
+        started = time.perf_counter()
+        summary = predict_member(spec_path, "test", root, out, device=device, progress=False, pipelined=pipelined)
+        synchronize(torch.device(device))
+        seconds.append((time.perf_counter() - started) / summary.written)
+        shutil.rmtree(out)
+    return seconds[-1]
+
+
+def device_agreement(member, images: list) -> str:
+    """On a GPU: the device post-processing vs the CPU's exact path on the same network outputs."""
+    if member.device.type == "cpu":
+        return "exact (CPU path)"
+    folds = tuple(range(FOLDS))
+    member.postprocess_on_device = False
+    cpu = member.predict_uint8(images[:2], folds)
+    member.postprocess_on_device = True
+    gpu = member.predict_uint8(images[:2], folds)
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for (a, _), (b, _) in zip(cpu, gpu)]
+    worst = max(int(d.max()) for d in diffs)
+    fraction = sum(int((d > 0).sum()) for d in diffs) / sum(d.size for d in diffs)
+    return f"max {worst} level, {fraction:.2e} of values"
+
+
+def training_images_per_second(setup: MemberSetup, device: torch.device, amp: bool, steps: int,
+                               batch: int) -> float:
+    """(c): optimizer steps on random images and masks at the input size; images per second after a warm-up."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = getattr(smp, setup.architecture)(encoder_name=setup.encoder, encoder_weights=None, classes=29,
+                                             in_channels=1, **setup.options).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    images = torch.rand(batch, 1, setup.input_size, setup.input_size, device=device)
+    masks = (torch.rand(batch, 29, setup.input_size, setup.input_size, device=device) > 0.9).float()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images).float(), masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps * batch / (time.perf_counter() - started)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="64 px images, resnet18 members: seconds on a CPU")
+    parser.add_argument("--images", type=int, default=None, help="test images (default 8; 2 with --tiny)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument("--no-training", action="store_true", help="skip (c)")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed after")
+    args = parser.parse_args(argv)
+    if args.channels_last:
+        os.environ["SEGENS_CHANNELS_LAST"] = "1"
+    if args.cudnn_benchmark:
+        os.environ["SEGENS_CUDNN_BENCHMARK"] = "1"
+    device = torch.device(args.device)
+    images = args.images or (2 if args.tiny else 8)
+    setups = TINY if args.tiny else FULL
+    size = 64 if args.tiny else 2048
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="segens-bench-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        root = work / "data"
+        if not root.exists():
+            generate(root, n_train_patients=1, n_test_patients=-(-images // 2), size=size, seed=0)
+        rows = []
+        for setup in setups:
+            spec_path = build_member(setup, work)
+            forward, member, decoded = forward_seconds(spec_path, root, args.device)
+            agreement = device_agreement(member, decoded)
+            del member, decoded
+            pipelined = end_to_end_seconds(spec_path, root, work, args.device, True, warm_up=not args.tiny)
+            serial = end_to_end_seconds(spec_path, root, work, args.device, False, warm_up=not args.tiny)
+            if args.no_training:
+                train = train_amp = float("nan")
+            else:
+                steps, batch = (1, 2) if args.tiny else (10, 4)
+                train = training_images_per_second(setup, device, False, steps, batch)
+                train_amp = training_images_per_second(setup, device, True, steps, batch)
+            rows.append((setup.name, forward, pipelined, serial, train, train_amp, agreement))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"device: {device_name(device)}; {images} test images of {size} px, 3 folds x hflip; "
+          f"channels_last {'on' if args.channels_last else 'off'}, cudnn.benchmark "
+          f"{'on' if args.cudnn_benchmark else 'off'}; load average {os.getloadavg()[0]:.2f}; "
+          f"{time.perf_counter() - started:.0f} s in all")
+    header = (f"{'member':<18} {'(a) forward':>12} {'(b) e2e':>10} {'(b)/(a)':>8} {'(b0) serial':>12} "
+              f"{'train img/s':>12} {'AMP img/s':>10}  device vs CPU post-processing")
+    print(header)
+    for name, forward, pipelined, serial, train, train_amp, agreement in rows:
+        print(f"{name:<18} {forward:>10.4f} s {pipelined:>8.4f} s {pipelined / forward:>7.2f}x {serial:>10.4f} s "
+              f"{train:>12.1f} {train_amp:>10.1f}  {agreement}")
+
+
+if __name__ == "__main__":
+    main()
