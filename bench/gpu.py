@@ -3,19 +3,22 @@
     python bench/gpu.py [--device cuda] [--images 8] [--channels-last] [--cudnn-benchmark] [--workdir DIR]
     python bench/gpu.py --device cpu --tiny        # seconds; runs in the test suite so the script never rots
 
-Makes a few synthetic test images (2048 px; 64 px with ``--tiny``), builds the example smp members (UNet++ VGG19
-and UNet++ HRNet-W64 at input 1024 with hflip, 3 fold checkpoints each; ``--tiny``: one resnet18 Unet at 64 px,
-no warm-up runs) with random weights whose head is sharpened (weights x 8, bias -10: about 4% of the uint8 values
-non-zero, between a trained network's 1% and a briefly trained one's 22%), and times per member:
+Makes a few synthetic test images (2048 px; 64 px with ``--tiny``), builds the example members (UNet++ VGG19
+and UNet++ HRNet-W64 at input 1024, YOLOv8n-seg at 1024, each with hflip and 3 fold checkpoints; ``--tiny``: a
+resnet18 Unet and a YOLOv8n-seg at 64 px, no warm-up runs) with random weights whose head is sharpened (smp: weights
+x 8, bias -10: about 4% of the uint8 values non-zero, between a trained network's 1% and a briefly trained one's
+22%; YOLO: class bias +2, so that every image has max_det = 300 instances, the slow case of soft masks), and
+times per member:
 
-(a) forward only: every fold x TTA pass on inputs already on the device (the limit);
+(a) forward only: every fold x TTA pass on inputs already on the device (the limit; YOLO: the fused network on
+    the letterboxed input, without NMS and masks);
 (b) ``ens predict-member --split test`` end to end (decode, network, post-processing, compression, writes),
     per image, after a warm-up run; (b)/(a) is the overhead factor (goal on a GPU: <= 1.5);
 (b0) the same with the serial path (``pipelined=False``: no overlap of decoding and writing);
 (c) training images per second (AdamW, BCE on random masks) in float32 and with AMP (autocast; GradScaler on
-    CUDA, bfloat16 on CPU);
+    CUDA, bfloat16 on CPU), for the smp members;
 and, on a GPU, how far the device post-processing lands from the CPU's exact path on the same logits (maximum
-uint8 difference and the fraction of values that differ). YOLO members are not built here (left undone).
+uint8 difference and the fraction of values that differ; smp members).
 
 It prints one table with the device's name. ``--channels-last`` / ``--cudnn-benchmark`` set
 SEGENS_CHANNELS_LAST / SEGENS_CUDNN_BENCHMARK (CUDA only) so that both can be measured on and off.
@@ -48,23 +51,29 @@ from segens.synth import generate  # noqa: E402
 
 @dataclass(frozen=True)
 class MemberSetup:
-    """A benchmarked member: name, smp architecture and encoder, input size, decoder options."""
+    """A benchmarked member: name, architecture (smp class, or the ultralytics model YAML) and encoder, input
+    size, decoder options, kind."""
 
     name: str
     architecture: str
     encoder: str
     input_size: int
     options: dict
+    kind: str = "smp"
 
 
 FULL = [MemberSetup("unetpp-vgg19", "UnetPlusPlus", "vgg19", 1024, {}),
-        MemberSetup("unetpp-hrnet64", "UnetPlusPlus", "tu-hrnet_w64", 1024, {})]
-TINY = [MemberSetup("tiny-unet-r18", "Unet", "resnet18", 64, {"decoder_channels": [32, 16, 16, 8, 8]})]
+        MemberSetup("unetpp-hrnet64", "UnetPlusPlus", "tu-hrnet_w64", 1024, {}),
+        MemberSetup("yolov8n-seg", "yolov8n-seg.yaml", "", 1024, {}, kind="yolo")]
+TINY = [MemberSetup("tiny-unet-r18", "Unet", "resnet18", 64, {"decoder_channels": [32, 16, 16, 8, 8]}),
+        MemberSetup("tiny-yolov8n-seg", "yolov8n-seg.yaml", "", 64, {}, kind="yolo")]
 FOLDS = 3
 
 
 def build_member(setup: MemberSetup, folder: Path) -> Path:
-    """Three fold checkpoints (state_dicts, sharpened random weights) and the member's spec; the spec's path."""
+    """Three fold checkpoints (sharpened random weights) and the member's spec; the spec's path."""
+    if setup.kind == "yolo":
+        return build_yolo_member(setup, folder)
     import segmentation_models_pytorch as smp
 
     checkpoints = {}
@@ -85,6 +94,58 @@ def build_member(setup: MemberSetup, folder: Path) -> Path:
         "model": {"architecture": setup.architecture, "encoder": setup.encoder, "options": setup.options},
         "checkpoints": checkpoints}))
     return spec
+
+
+def build_yolo_member(setup: MemberSetup, folder: Path) -> Path:
+    """Three ultralytics checkpoints of a 29-class segmentation model built from its YAML (random weights, class
+    bias +2: every anchor is a confident detection, so NMS keeps max_det instances) and the member's spec."""
+    from ultralytics.nn.tasks import SegmentationModel
+
+    from segens.classes import CLASSES
+
+    checkpoints = {}
+    for fold in range(FOLDS):
+        torch.manual_seed(fold)
+        model = SegmentationModel(setup.architecture, nc=len(CLASSES), verbose=False)
+        model.names = dict(enumerate(CLASSES))
+        with torch.no_grad():
+            for branch in model.model[-1].cv3:
+                branch[-1].bias.fill_(2.0)
+        path = folder / f"{setup.name}-fold{fold}.pt"
+        torch.save({"model": model, "train_args": {"task": "segment", "imgsz": setup.input_size}}, path)
+        checkpoints[fold] = {"path": path.name, "sha256": sha256_of(path)}
+    spec = folder / f"{setup.name}.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": setup.name, "kind": "yolo", "input_size": setup.input_size, "tta": ["hflip"],
+        "model": {"config": setup.architecture, "conf": 0.25}, "checkpoints": checkpoints}))
+    return spec
+
+
+def yolo_forward_seconds(spec_path: Path, root: Path, device: str) -> float:
+    """(a) for a YOLO member: every fold x pass of the fused network on letterboxed inputs on the device."""
+    import cv2
+
+    spec = load_spec(spec_path)
+    member = factory(spec.kind)(spec, device=device, trust_pickle=True)
+    records = discover(root, "test", require_labels=False).records
+    side = member.imgsz
+    batch = torch.stack([torch.from_numpy(cv2.resize(cv2.imread(str(record.image_path)), (side, side),
+                                                     interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
+                         for record in records]).float().div(255).to(device)
+    networks = [member._model(spec.checkpoint(fold).path).model.fuse().to(device).eval() for fold in range(FOLDS)]
+
+    def run() -> None:
+        with torch.no_grad():
+            for network in networks:
+                for tta in member.passes:
+                    network(batch.flip(-1) if tta.hflip else batch)
+
+    run()
+    synchronize(torch.device(device))
+    started = time.perf_counter()
+    run()
+    synchronize(torch.device(device))
+    return (time.perf_counter() - started) / len(records)
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,7 +187,8 @@ def end_to_end_seconds(spec_path: Path, root: Path, work: Path, device: str, pip
     for run in range(2 if warm_up else 1):
         out = work / f"{spec_path.stem}-{'p' if pipelined else 's'}{run}.zarr"
         started = time.perf_counter()
-        summary = predict_member(spec_path, "test", root, out, device=device, progress=False, pipelined=pipelined)
+        summary = predict_member(spec_path, "test", root, out, device=device, progress=False, pipelined=pipelined,
+                                 trust_pickle=True)
         synchronize(torch.device(device))
         seconds.append((time.perf_counter() - started) / summary.written)
         shutil.rmtree(out)
@@ -213,12 +275,15 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for setup in setups:
             spec_path = build_member(setup, work)
-            forward, member, decoded = forward_seconds(spec_path, root, args.device)
-            agreement = device_agreement(member, decoded)
-            del member, decoded
+            if setup.kind == "yolo":
+                forward, agreement = yolo_forward_seconds(spec_path, root, args.device), "n/a (ultralytics path)"
+            else:
+                forward, member, decoded = forward_seconds(spec_path, root, args.device)
+                agreement = device_agreement(member, decoded)
+                del member, decoded
             pipelined = end_to_end_seconds(spec_path, root, work, args.device, True, warm_up=not args.tiny)
             serial = end_to_end_seconds(spec_path, root, work, args.device, False, warm_up=not args.tiny)
-            if args.no_training:
+            if args.no_training or setup.kind != "smp":
                 train = train_amp = float("nan")
             else:
                 steps, batch = (1, 2) if args.tiny else (10, 4)
