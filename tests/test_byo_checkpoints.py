@@ -306,6 +306,11 @@ def test_torch_kind_errors_name_the_problem(torchvision_baseline: Path, colour_r
     shuffled = _torch_spec(torchvision_baseline, classes=[*CLASSES[:-1], "finger-1"])
     with pytest.raises(SegensError, match="class name 'finger-1' appears more than once"):
         predict(shuffled, "repeated")
+    document = _torch_spec(torchvision_baseline)
+    document["model"]["kwargs"]["num_classes"] = 28  # the factory builds a head that the weights do not fit
+    with pytest.raises(SegensError, match=r"weights\.pth: the state_dict does not fit the module of model\.factory "
+                                          r"'tinyseg:build' \(Error\(s\) in loading state_dict"):
+        predict(document, "wrong-head")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning")  # users still have TorchScript files

@@ -219,3 +219,12 @@ def test_fast_uint8_path_equals_quantized_probabilities(tmp_path: Path) -> None:
         expected = [quantize(p) for p in member.predict(images, folds)]
         for (values, boxes), wanted in zip(member.predict_uint8(images, folds), expected):
             assert np.array_equal(values, wanted)
+
+
+def test_weights_of_another_encoder_are_an_error_naming_file_and_architecture(tmp_path: Path) -> None:
+    other = smp.Unet(encoder_name="resnet34", encoder_weights=None, classes=29)
+    torch.save(other.state_dict(), tmp_path / "resnet34.pt")
+    member = SmpMember(_spec(tmp_path))
+    with pytest.raises(SegensError, match=r"resnet34\.pt: weights do not fit Unet/resnet18 with 29 classes "
+                                          r"\(Error\(s\) in loading state_dict for Unet: Unexpected key"):
+        member.load_checkpoint(tmp_path / "resnet34.pt")

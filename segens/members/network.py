@@ -83,6 +83,17 @@ def output_of(raw: Any, key: str | None, where: str) -> torch.Tensor:
     return raw
 
 
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], problem: str) -> torch.nn.Module:
+    """``module`` with ``state`` loaded strictly; a mismatch is a SegensError starting with ``problem`` (which names
+    the file and what the weights should fit) and quoting torch's first lines."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
+        raise SegensError(f"{problem} ({message})") from None
+    return module
+
+
 @dataclass
 class LoadedModel:
     """A ready model: the callable, the competition-class -> model-channel order (None: same order), the

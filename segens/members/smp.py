@@ -31,7 +31,7 @@ from segens.folds.losses import WeightedLoss
 from segens.folds.torchdata import LabelledImages
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
-from segens.members.network import LoadedModel, NetworkMember, average_passes
+from segens.members.network import LoadedModel, NetworkMember, average_passes, load_weights
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
 from segens.progress import console, progress_bar
@@ -215,12 +215,8 @@ class SmpMember(NetworkMember):
             model, state = self.new_model(), payload
         else:
             raise SegensError(f"{path}: neither a segens checkpoint nor a state_dict")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            message = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
-            raise SegensError(f"{path}: weights do not fit {self.spec.model.get('architecture')}/"
-                              f"{self.spec.model.get('encoder')} with {NUM_CLASSES} classes ({message})") from None
+        load_weights(model, state, f"{path}: weights do not fit {self.spec.model.get('architecture')}/"
+                                   f"{self.spec.model.get('encoder')} with {NUM_CLASSES} classes")
         return model, names
 
     def model_for(self, fold: int) -> LoadedModel:

@@ -37,7 +37,7 @@ from segens.dataset import ImageRecord
 from segens.errors import SegensError
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
-from segens.members.network import OUTPUT_TYPES, LoadedModel, NetworkMember
+from segens.members.network import OUTPUT_TYPES, LoadedModel, NetworkMember, load_weights
 from segens.members.registry import register
 from segens.members.spec import MemberSpec
 
@@ -175,14 +175,8 @@ class TorchMember(NetworkMember):
         return module
 
     def _from_state_dict(self, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
-        module = self.build()
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            message = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
-            raise SegensError(f"{path}: the state_dict does not fit the module of model.factory "
-                              f"{self.spec.model.get('factory')!r} ({message})") from None
-        return module
+        return load_weights(self.build(), state, f"{path}: the state_dict does not fit the module of model.factory "
+                                                 f"{self.spec.model.get('factory')!r}")
 
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
                    progress: bool = True) -> FoldResult:
