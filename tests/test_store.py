@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from segens.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 from segens.members.postprocess import logits_to_uint8, reference_logits_to_uint8
 from segens.members.store import (
+    _digest,
     create_store,
     dequantize,
     image_boxes,
@@ -400,26 +402,73 @@ def test_damaged_chunks_are_errors_naming_store_image_and_class(tmp_path, damage
     with pytest.raises(SegensError, match=rf"s\.zarr: image '{KEYS[0]}', {message}"):
         store.read_region(KEYS[0], channel, (0, 700, 0, 1100))
     if damage != "extra":  # a whole-image read of the damaged class fails too
-        with pytest.raises(SegensError, match="rewrite the image with `ens predict-member`"):
+        with pytest.raises(SegensError, match="remove the image.s folder .* and run `ens predict-member` for member .m. again"):
             store.read(KEYS[0])
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["attributes"]["boxes"][3].__setitem__(3, 600), r"class 'finger-4': written chunk \(0, 2\) lies outside"),
-    (lambda m: m["attributes"]["boxes"][3].__setitem__(1, 600), r"values lie outside the class's recorded box"),
     (lambda m: m["attributes"]["boxes"].__setitem__(3, [650, 100, 200, 1050]), r"box \[650, 100, 200, 1050\] is not"),
     (lambda m: m["attributes"]["boxes"].pop(), r"boxes and chunks must list 29 classes each"),
     (lambda m: m["attributes"]["boxes"].__setitem__(3, None), r"written chunk \(0, 0\) lies outside the recorded box None"),
     (lambda m: m["attributes"].__setitem__("height", "700"), r"height/width '700'x1100 are not positive integers"),
     (lambda m: m.__setitem__("shape", [29, 700, 1000]), r"the array's metadata is not this store format's"),
 ])
-def test_altered_image_metadata_is_an_error(tmp_path, edit, message):
-    path, _ = written_store(tmp_path)
+def test_altered_image_metadata_is_an_error_and_the_image_is_missing(tmp_path, edit, message):
+    """Metadata edited consistently (its digest recomputed, as a buggy writer would) fails the format's checks;
+    such an image is not complete, so resuming rewrites it."""
+    path, probs = written_store(tmp_path)
     document_path, document = image_metadata(path)
     edit(document)
+    document["attributes"]["digest"] = _digest(document["attributes"])
     document_path.write_text(json.dumps(document))
-    with pytest.raises(SegensError, match=rf"s\.zarr: image '{KEYS[0]}'.*{message}"):
+    with pytest.raises(SegensError, match=rf"s\.zarr: image '{KEYS[0]}'.*{message}.*remove the image's folder"):
         open_store(path).read(KEYS[0])
+    assert KEYS[0] in open_store(path).missing()
+    new_store(path).write_image(KEYS[0], probs)  # what predict-member does with a missing image
+    assert np.array_equal(open_store(path).read(KEYS[0]), probs)
+
+
+@pytest.mark.parametrize("rows", [(100, 600), (100, 650 - 1), (101, 650)])
+def test_boxes_edited_without_their_digest_are_an_error(tmp_path, rows):
+    """A shrunk box would hide pixels inside a chunk the box still covers: the digest catches it."""
+    path, _ = written_store(tmp_path)
+    document_path, document = image_metadata(path)
+    document["attributes"]["boxes"][3][:2] = list(rows)
+    document_path.write_text(json.dumps(document))
+    with pytest.raises(SegensError, match=rf"image '{KEYS[0]}': the image's metadata \(size, boxes, chunks\) does "
+                                          "not match its digest"):
+        open_store(path).read(KEYS[0])
+
+
+def test_a_damaged_chunk_is_repaired_by_removing_the_image_and_resuming(tmp_path):
+    path, probs = written_store(tmp_path)
+    (path / KEYS[0] / "c" / "3" / "0" / "1").write_bytes(b"torn")
+    with pytest.raises(SegensError, match=rf"remove the image's folder '{KEYS[0]}' from the store and run "
+                                          r"`ens predict-member` for member 'm' again"):
+        open_store(path).read(KEYS[0])
+    shutil.rmtree(path / KEYS[0])
+    assert KEYS[0] in open_store(path).missing()
+    new_store(path).write_image(KEYS[0], probs)
+    assert np.array_equal(open_store(path).read(KEYS[0]), probs)
+
+
+def test_a_folder_where_a_chunk_belongs_is_an_error(tmp_path):
+    path, _ = written_store(tmp_path)
+    chunk = path / KEYS[0] / "c" / "3" / "0" / "1"
+    chunk.unlink()
+    chunk.mkdir()
+    with pytest.raises(SegensError, match=r"cannot read chunk '.*c/3/0/1' \(Is a directory\)"):
+        open_store(path).read(KEYS[0])
+
+
+def test_checkpoints_not_keyed_by_fold_are_refused(tmp_path):
+    path, _ = written_store(tmp_path)
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["checkpoints"] = {"fold0": {"path": "a", "sha256": "b"}}
+    (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(SegensError, match="checkpoints are not keyed by fold numbers"):
+        open_store(path)
 
 
 def test_unreadable_image_metadata_counts_as_missing(tmp_path):

@@ -258,9 +258,10 @@ def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tup
     present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
     nowhere = [key for key, row in zip(keys, present) if not row.any()]
     if nowhere:
-        raise SegensError(f"image {nowhere[0]!r} (and {len(nowhere) - 1} more) is planned for these stores but "
-                          "complete in none of them (never written, killed mid-write, or its metadata is unreadable); "
-                          "run `ens predict-member` for the members to finish it: a submission may not miss an image")
+        more = f" (and {len(nowhere) - 1} more)" if len(nowhere) > 1 else ""
+        raise SegensError(f"image {nowhere[0]!r}{more} is planned for these stores but complete in none of them "
+                          "(never written, killed mid-write, or its metadata is unreadable or damaged); run `ens "
+                          "predict-member` for the members to finish it: a submission may not miss an image")
     missing = {store.member: int((~present[:, m]).sum()) for m, store in enumerate(stores) if not present[:, m].all()}
     if missing and not allow_missing:
         m = next(index for index, store in enumerate(stores) if store.member in missing)
@@ -330,7 +331,8 @@ def combine(store_urls: Sequence[str | Path], out: str | Path, strategy: str = "
         if recipe.strategy != strategy:
             raise SegensError(f"{recipe_path}: the recipe is for strategy {recipe.strategy!r}, not {strategy!r}")
     keys, present, missing = check_stores(stores, allow_missing)
-    settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes)
+    settings = resolve_settings(strategy, [store.member for store in stores], recipe, weights, threshold, min_votes,
+                                recipe_where=str(recipe_path))
     check_present_weights(settings, present, keys, [store.member for store in stores])
     with parallel_backend(backend, scheduler):  # reach the cluster before anything is written
         mask_store = None

@@ -8,17 +8,19 @@
     image1661130828152_R/         one array per image: (29, H, W) uint8, p = v / 255, chunks (1, 512, 512),
       zarr.json                     blosc; all-zero chunks are never written; attributes height, width,
       c/<class>/<row>/<col>         boxes (per class [row0, row1, col0, col1] half-open, or null), chunks (per
-                                    class the [row, col, crc32] of every chunk written) and "complete": true,
-                                    written last
+                                    class the [row, col, crc32] of every chunk written), digest (crc32 of the
+                                    size, boxes and chunks) and "complete": true, written last
 ```
 An image whose array lacks the completion marker does not exist for readers and is rewritten by writers, so a
 killed run resumed gives the same bytes as an uninterrupted one. Writers of disjoint images may run at once.
 Everything written is deterministic (no times, no host names). Paths may be local or fsspec URLs.
 
-Every read is verified: the array's metadata must be this format's, the boxes must lie inside the image and
-cover every chunk written, every listed chunk must be there with its crc32, no unlisted chunk may be there, and a
-decoded chunk must be zero outside its class's box. A store that fails any check is an error naming the store,
-image and class, never zeros read in silence. The planned image list lets readers tell an unfinished store (an
+Every read is verified: the array's metadata must be this format's and match its digest (so boxes that were
+shrunk, which would hide pixels, are caught), the boxes must lie inside the image and cover every chunk written,
+every listed chunk that a read touches must be there with its crc32, and no unlisted chunk may be there. A store
+that fails any check is an error naming the store, image and class, never zeros read in silence. An image whose
+metadata fails the checks does not count as complete, so `ens predict-member` rewrites it; one with a damaged
+chunk is rewritten once its folder is removed. The planned image list lets readers tell an unfinished store (an
 image planned but not complete) from a finished one.
 """
 
@@ -58,9 +60,7 @@ _BLOSC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.NOSHUFFLE)  # decoding read
 230x smaller than raw uint8, against 135x for lz4 + shuffle and 183x for zstd 3 + bitshuffle (bitshuffle hurts
 smooth 8-bit maps); 0.03 s/image to encode and 0.01 s/image to decode, small next to the rest of the work."""
 
-# All-zero chunks are never written: write_image skips them itself (a uint8 max per chunk), which is ~20x
-# cheaper than zarr's own write_empty_chunks=False test (np.array_equal on every chunk).
-_ARRAY_CONFIG = {"write_empty_chunks": True}
+# All-zero chunks are never written: write_image skips them itself (a uint8 max per chunk) and encodes the others.
 _MAX_OPEN_ARRAYS = 256
 _QUANTIZE_BLOCK = 1 << 18
 
@@ -158,9 +158,9 @@ class ProbabilityStore:
             written[channel].append([row, col, zlib.crc32(blob)])
         array = zarr.create_array(
             self._zarr_store, name=key, shape=probs.shape, dtype="uint8", fill_value=0, chunks=chunks,
-            compressors=COMPRESSOR, dimension_names=("class", "row", "col"), overwrite=True, config=_ARRAY_CONFIG,
-            attributes={"height": height, "width": width, "boxes": [_box_json(box) for box in boxes],
-                        "chunks": written},
+            compressors=COMPRESSOR, dimension_names=("class", "row", "col"), overwrite=True,
+            attributes=_with_digest({"height": height, "width": width, "boxes": [_box_json(box) for box in boxes],
+                                     "chunks": written}),
         )
         # the chunks are encoded here (the bytes zarr's BloscCodec writes) so that their crc32 can be recorded
         sync(_gather([self._zarr_store.set(f"{key}/c/{channel}/{row}/{col}", Buffer.from_bytes(blob))
@@ -242,13 +242,12 @@ class ProbabilityStore:
         if not (0 <= box[0] < box[1] <= height and 0 <= box[2] < box[3] <= width):
             raise SegensError(f"{self.url}: image {key!r}: region {tuple(box)!r} is not inside {height}x{width}")
         side_r, side_c = image.chunk_shape
-        class_box = image.boxes[channel]
         written = image.chunks[channel]
         out = np.zeros((box[1] - box[0], box[3] - box[2]), np.uint8)
         names = [(r, c) for r in range(box[0] // side_r, (box[1] - 1) // side_r + 1)
                  for c in range(box[2] // side_c, (box[3] - 1) // side_c + 1)]
         for (r, c), blob in zip(names, self._chunk_bytes([f"{key}/c/{channel}/{r}/{c}" for r, c in names])):
-            chunk = self._verified_chunk(key, channel, (r, c), blob, written.get((r, c)), class_box, image)
+            chunk = self._verified_chunk(key, channel, (r, c), blob, written.get((r, c)), image)
             if chunk is None:
                 continue  # never written: zeros
             r0, r1 = max(box[0], r * side_r), min(box[1], (r + 1) * side_r)
@@ -258,10 +257,10 @@ class ProbabilityStore:
         return out
 
     def _verified_chunk(self, key: str, channel: int, position: tuple[int, int], blob: bytes | None,
-                        crc: int | None, class_box: BBox | None, image: _Image) -> np.ndarray | None:
+                        crc: int | None, image: _Image) -> np.ndarray | None:
         """The decoded (rows, cols) chunk, None for one never written; a SegensError for anything else."""
         where = f"{self.url}: image {key!r}, class {self.classes[channel]!r}, chunk {position}"
-        fix = f"; rewrite the image with `ens predict-member` for member {self.member!r} (or restore the store)"
+        fix = "; " + _repair_advice(key, self.member)
         if blob is None:
             if crc is not None:
                 raise SegensError(f"{where}: the chunk is missing from the store{fix}")
@@ -277,16 +276,7 @@ class ProbabilityStore:
             raise SegensError(f"{where}: the chunk cannot be decoded ({exc}){fix}") from None
         if chunk.size != side_r * side_c:
             raise SegensError(f"{where}: the chunk decodes to {chunk.size} values, not {side_r}x{side_c}{fix}")
-        chunk = chunk.reshape(side_r, side_c)
-        assert class_box is not None  # a listed chunk has a box covering it (checked when the image was opened)
-        r, c = position
-        r0, r1 = (min(max(edge - r * side_r, 0), side_r) for edge in class_box[:2])
-        c0, c1 = (min(max(edge - c * side_c, 0), side_c) for edge in class_box[2:])
-        outside = (chunk[:r0], chunk[r1:], chunk[r0:r1, :c0], chunk[r0:r1, c1:])
-        if any(part.size and part.max() for part in outside):
-            raise SegensError(f"{where}: values lie outside the class's recorded box {class_box} (the image's "
-                              f"metadata was altered){fix}")
-        return chunk
+        return chunk.reshape(side_r, side_c)
 
     def _chunk_bytes(self, names: list[str]) -> list[bytes | None]:
         """The stored bytes of chunk keys (None where absent): plain file reads for a local store, where a
@@ -299,6 +289,9 @@ class ProbabilityStore:
                     blobs.append((root / name).read_bytes())
                 except (FileNotFoundError, NotADirectoryError):
                     blobs.append(None)
+                except OSError as exc:  # a folder where the chunk belongs, no permission, an I/O error
+                    raise SegensError(f"{self.url}: cannot read chunk {name!r} ({exc.strerror or exc}); "
+                                      f"{_repair_advice(name.split('/c/')[0], self.member)}") from None
             return blobs
         prototype = default_buffer_prototype()
         found = sync(_gather([self._zarr_store.get(name, prototype=prototype) for name in names]))
@@ -321,7 +314,7 @@ class ProbabilityStore:
                     f"{self.url}: image {key!r} is not in the store (or its write did not finish, or its metadata "
                     f"is unreadable); run `ens predict-member` for member {self.member!r} to (re)write it"
                 )
-            image = _Image.from_metadata(document, f"{self.url}: image {key!r}", self.classes)
+            image = _Image.from_metadata(document, key, f"{self.url}: image {key!r}", self.classes)
             if len(self._arrays) >= _MAX_OPEN_ARRAYS:
                 self._arrays.clear()
             self._arrays[key] = image
@@ -338,10 +331,12 @@ class _Image:
     chunks: tuple[dict[tuple[int, int], int], ...]
 
     @classmethod
-    def from_metadata(cls, document: dict[str, Any], where: str, classes: Sequence[str]) -> _Image:
-        """Validate an array's zarr.json against this format; a SegensError naming ``where`` (and the class)."""
-        fix = "; the store was altered or damaged: rewrite the image with `ens predict-member`"
+    def from_metadata(cls, document: dict[str, Any], key: str, where: str, classes: Sequence[str]) -> _Image:
+        """Validate image ``key``'s zarr.json against this format; a SegensError naming ``where`` (and the class)."""
+        fix = f"; the store was altered or damaged: {_repair_advice(key)}"
         attributes = document.get("attributes") or {}
+        if attributes.get("digest") != _digest(attributes):
+            raise SegensError(f"{where}: the image's metadata (size, boxes, chunks) does not match its digest{fix}")
         height, width = attributes.get("height"), attributes.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             raise SegensError(f"{where}: height/width {height!r}x{width!r} are not positive integers{fix}")
@@ -518,6 +513,9 @@ def _check_format(attributes: dict[str, Any], url: str) -> None:
             or not all(isinstance(c, dict) and "sha256" in c for c in attributes["checkpoints"].values()):
         raise SegensError(f"{url}: the store's split, planned images or checkpoints are malformed; rewrite the "
                           "store with `ens predict-member --overwrite`")
+    if not all(isinstance(fold, str) and fold.isdecimal() for fold in attributes["checkpoints"]):
+        raise SegensError(f"{url}: the store's checkpoints are not keyed by fold numbers; rewrite the store with "
+                          "`ens predict-member --overwrite`")
     for key in attributes["images"]:
         _check_key(key, url)
 
@@ -588,11 +586,37 @@ async def _completed_keys(zarr_store: zarr.abc.store.Store, prefix: str = "") ->
             continue
         if document.get("node_type") == "group":
             groups.append(_completed_keys(zarr_store, f"{child}/"))
-        elif (document.get("attributes") or {}).get("complete") is True:
+        elif (document.get("attributes") or {}).get("complete") is True and _valid_metadata(document, child):
             keys.append(child)
     for found in await asyncio.gather(*groups):
         keys.extend(found)
     return keys
+
+
+def _valid_metadata(document: dict[str, Any], key: str) -> bool:
+    """Whether an image's metadata passes ``_Image.from_metadata`` (an image whose metadata does not is missing)."""
+    try:
+        _Image.from_metadata(document, key, key, CLASSES)
+    except SegensError:
+        return False
+    return True
+
+
+def _digest(attributes: dict[str, Any]) -> int:
+    """crc32 of the canonical JSON of an image's height, width, boxes and chunks."""
+    content = {name: attributes.get(name) for name in ("height", "width", "boxes", "chunks")}
+    return zlib.crc32(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _with_digest(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {**attributes, "digest": _digest(attributes)}
+
+
+def _repair_advice(key: str, member: str | None = None) -> str:
+    """What to do about a damaged image: resuming rewrites images that are missing."""
+    who = f" for member {member!r}" if member else ""
+    return (f"remove the image's folder {key!r} from the store and run `ens predict-member`{who} again (it rewrites "
+            "missing images), or restore the store")
 
 
 def _is_temporary(name: str) -> bool:
