@@ -134,21 +134,26 @@ def discover(root: str | Path, split: str = "train", require_labels: bool | None
     return listing
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a PNG as (H, W) uint8 grayscale (colour images are converted; 16-bit is scaled to 8-bit). The header
-    is checked first (``image_size``): a side over MAX_IMAGE_SIDE is refused before anything is decoded."""
+def read_image(path: str | Path, color: str = "gray") -> np.ndarray:
+    """Read an image as (H, W) uint8 grayscale (``color="gray"``: colour images are converted) or (H, W, 3) uint8
+    in ``"bgr"`` (what ``cv2.imread(path)`` gives; gray images repeated) or ``"rgb"`` order; 16-bit is scaled to
+    8-bit. The header is checked first (``image_size``): a side over MAX_IMAGE_SIDE is refused before decoding."""
     path = Path(path)
     image_size(path)
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        reason = "file not found" if not path.exists() else "not a readable image"
-        raise SegensError(f"{path}: {reason}; replace or remove it")
+        raise SegensError(f"{path}: not a readable image; replace or remove it")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    return np.ascontiguousarray(image)
+    if color == "gray":
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+        return np.ascontiguousarray(image)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return np.ascontiguousarray(image[:, :, ::-1] if color == "rgb" else image)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -563,3 +563,16 @@ def test_allow_missing_refuses_an_image_whose_present_members_all_weigh_zero(sto
     summary = combine([stores[0], tmp_path / "hrnet.test.zarr"], out, "weighted", weights={"vgg": 1.0, "hrnet": 0.0},
                       allow_missing=True, progress=False)
     assert summary.missing == {"hrnet": 1} and summary.rows == len(KEYS) * NUM_CLASSES
+
+
+@pytest.mark.parametrize("option, value", [("--jobs", 0), ("--batch-size", 0), ("--batch-size", -1)])
+def test_predict_member_refuses_counts_below_one_in_the_library_and_the_cli(tmp_path: Path, option: str,
+                                                                          value: int) -> None:
+    from segens.members.predict import predict_member
+
+    name = option.lstrip("-").replace("-", "_")
+    with pytest.raises(SegensError, match=rf"{option} must be (an integer|a whole number) >= 1"):
+        predict_member(tmp_path / "m.yaml", "test", tmp_path, tmp_path / "o.zarr", progress=False, **{name: value})
+    result = CliRunner().invoke(app, ["predict-member", "m.yaml", "--split", "test", "--data", "d", "--out", "o.zarr",
+                                      option, str(value)])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output

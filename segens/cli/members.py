@@ -54,7 +54,9 @@ def predict_member(
     folds: Annotated[Path | None, typer.Option(help="folds.json; required for --split oof.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start the store again instead of resuming it.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto (autocast on CUDA); with --backend dask resolved on each worker.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images predicted together (a batch is fixed by the images' order, "
+                                                 "so resuming writes the same bytes); each forward pass takes at most "
+                                                 "the spec's train.predict_batch_size (default 4) of them.")] = 4,
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="Local processes predicting side by side (each holds its own model copy).")] = 1,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "local",

@@ -120,21 +120,7 @@ class InputContract:
         """A PNG as this contract sees it: (H, W) uint8 for gray, (H, W, 3) uint8 in rgb or bgr order."""
         from segens.dataset import read_image
 
-        if self.color == "gray":
-            return read_image(path)
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            reason = "file not found" if not Path(path).exists() else "not a readable image"
-            raise SegensError(f"{path}: {reason}; replace or remove it")
-        if image.dtype == np.uint16:
-            image = (image // 257).astype(np.uint8)
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)  # what cv2.imread(path) gives for a gray PNG
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        if self.color == "rgb":
-            image = image[:, :, ::-1]
-        return np.ascontiguousarray(image)
+        return read_image(path, self.color)
 
     def resize_image(self, image: np.ndarray, size: Sequence[int] | None = None) -> np.ndarray:
         """(H, W[, 3]) uint8 -> (height, width[, 3]) uint8 at ``size`` (default: the contract's) by ``resize``."""

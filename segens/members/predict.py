@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from segens.backend import check_backend, n_jobs, parallel_backend, shared_location, store_options, worker_count
+from segens.backend import (check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options,
+                            worker_count)
 from segens.dataset import ImageRecord, discover, read_image
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
@@ -150,8 +151,9 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     overlap; kept for benchmarks and as the reference of the pipelined path).
     """
     check_backend(backend, scheduler)
-    if jobs < 1:
-        raise SegensError(f"--jobs must be >= 1, got {jobs}")
+    check_jobs(jobs)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise SegensError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     check_outputs([Output(out, "store", "--out", resumable=True)], inputs=[spec_path, root, folds_path],
                   overwrite=overwrite)
     spec = load_spec(spec_path)
