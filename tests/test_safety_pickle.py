@@ -4,6 +4,7 @@ placed where segens would load them (search-weights' resume folder, train-member
 from __future__ import annotations
 
 import json
+import re
 import os
 import pickle
 import subprocess
@@ -140,6 +141,31 @@ def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(projec
     assert finished.load() == {}
     with pytest.raises(SegensError, match=r"x.json: channel: Input should be a valid integer"):
         result_from_json(document, tmp_path / "x.json")
+
+    tampered = {
+        "recipe_choice.member_thresholds.0: Input should be less than or equal to 254":
+            lambda d: d["recipe_choice"]["member_thresholds"].__setitem__(0, 400),
+        "recipe_choice.min_votes: Input should be greater than or equal to 1":
+            lambda d: d["recipe_choice"].__setitem__("min_votes", 0),
+        "recipe_choice.weights.0: Input should be greater than or equal to 0":
+            lambda d: d["recipe_choice"]["weights"].__setitem__(0, -1.0),
+        "postprocess.0: Input should be 'largest_component' or 'fill_holes'":
+            lambda d: d.__setitem__("postprocess", ["rm -rf"]),
+    }
+    for message, edit in tampered.items():
+        document = result_to_json(result)
+        edit(document)
+        path.write_text(json.dumps(document))
+        assert finished.load() == {}, message  # searched again, never an IndexError in the recipe
+        with pytest.raises(SegensError, match=re.escape(message)):
+            result_from_json(document, tmp_path / "x.json")
+    document = result_to_json(result)  # valid, but for three members: the two-member search redoes it
+    document["recipe_choice"]["weights"].append(1.0)
+    document["recipe_choice"]["member_thresholds"].append(127)
+    document["member_dice"].append(0.5)
+    path.write_text(json.dumps(document))
+    assert list(FinishedClasses(tmp_path / "r.json", "k" * 32).load()) == [3]
+    assert FinishedClasses(tmp_path / "r.json", "k" * 32, members=2).load() == {}
 
 
 # ---- train-member ----------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ of everything the result depends on (the stores' URLs and attributes, which hold
 the image keys, the folds, the search settings), so a changed input never reuses a stale class. The folder is
 removed once the recipe is written. The files are plain JSON (floats written with Python's exact repr, so a
 resumed search gives the same recipe), validated when read: whoever can write beside the recipe can at most make
-a class be searched again (an unreadable or invalid file) or report wrong numbers, never run code. Files of
+a class be searched again (an unreadable or invalid file, or one whose settings do not fit the search: weights and
+Dice per member, thresholds among the 255 levels, vote counts, known post-processing) or report wrong numbers,
+never run code. Files of
 other formats there (the pickles of older segens versions) are ignored.
 """
 
@@ -17,13 +19,14 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
 
 from segens.atomic import atomic_write_text
 from segens.classes import NUM_CLASSES
+from segens.ensemble.recipe import POSTPROCESSING
 from segens.ensemble.search import ClassResult, Choice
 from segens.errors import SegensError
 from segens.members.store import ProbabilityStore
@@ -51,9 +54,10 @@ def search_key(stores: Sequence[ProbabilityStore], keys: Sequence[str], folds_of
 class FinishedClasses:
     """The finished classes of one search (one key): load those already there, save each new one at once."""
 
-    def __init__(self, out: str | Path, key: str) -> None:
+    def __init__(self, out: str | Path, key: str, members: int | None = None) -> None:
         self.root = partial_root(out)
         self.folder = self.root / key[:32]
+        self.members = members  # a file whose per-member lists have another length is searched again
 
     def load(self) -> dict[int, ClassResult]:
         """Channel -> result for every class a previous run of the same search finished (unreadable or invalid
@@ -64,9 +68,17 @@ class FinishedClasses:
                 result = result_from_json(load_json(path, "search resume file", MAX_CLASS_FILE_BYTES), path)
             except SegensError:
                 continue
-            if path.name == _file_name(result.channel):
+            if path.name == _file_name(result.channel) and self._fits(result):
                 finished[result.channel] = result
         return finished
+
+    def _fits(self, result: ClassResult) -> bool:
+        choice = result.recipe_choice
+        lengths = [choice.weights.size, len(result.member_dice)]
+        if choice.member_thresholds is not None:
+            lengths.append(choice.member_thresholds.size)
+        return self.members is None or (all(length == self.members for length in lengths)
+                                        and (choice.min_votes is None or choice.min_votes <= self.members))
 
     def save(self, result: ClassResult) -> None:
         atomic_write_text(self.folder / _file_name(result.channel), json.dumps(result_to_json(result)) + "\n")
@@ -80,14 +92,18 @@ def _file_name(channel: int) -> str:
     return f"class-{channel:02d}.json"
 
 
+_Level = Annotated[int, pydantic.Field(ge=0, le=254)]  # index of one of the 255 threshold midpoints
+_Finite = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+
+
 class _ChoiceDocument(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
-    weights: list[float] = pydantic.Field(min_length=1)
-    threshold: int = pydantic.Field(ge=0, le=254)
-    member_thresholds: list[int] | None = None
-    min_votes: int | None = None
-    score: float
+    weights: list[Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]] = pydantic.Field(min_length=1)
+    threshold: _Level
+    member_thresholds: list[_Level] | None = None
+    min_votes: Annotated[int, pydantic.Field(ge=1)] | None = None
+    score: _Finite
 
 
 class _ClassDocument(pydantic.BaseModel):
@@ -96,10 +112,10 @@ class _ClassDocument(pydantic.BaseModel):
     format: int
     channel: int = pydantic.Field(ge=0, lt=NUM_CLASSES)
     recipe_choice: _ChoiceDocument
-    postprocess: list[str]
-    oof_dice: float
-    member_dice: list[float]
-    mean_dice: float
+    postprocess: list[Literal[tuple(POSTPROCESSING)]]  # type: ignore[valid-type]
+    oof_dice: _Finite
+    member_dice: list[_Finite]
+    mean_dice: _Finite
     ambiguous_pixels: int = pydantic.Field(ge=0)
     evaluations: int = pydantic.Field(ge=0)
     cv: list[dict[str, float]]

@@ -117,8 +117,9 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     started = time.perf_counter()
     settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
                 "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None}
-    finished = FinishedClasses(out, search_key(stores, keys, folds_of_images,
-                                               {**settings, "strategy": strategy, "root": str(Path(root).resolve())}))
+    key = search_key(stores, keys, folds_of_images,
+                     {**settings, "strategy": strategy, "root": str(Path(root).resolve())})
+    finished = FinishedClasses(out, key, members=len(stores))
     results = list(finished.load().values())
     done = {result.channel for result in results}
     tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
