@@ -228,3 +228,20 @@ def test_weights_of_another_encoder_are_an_error_naming_file_and_architecture(tm
     with pytest.raises(SegensError, match=r"resnet34\.pt: weights do not fit Unet/resnet18 with 29 classes "
                                           r"\(Error\(s\) in loading state_dict for Unet: Unexpected key"):
         member.load_checkpoint(tmp_path / "resnet34.pt")
+
+
+def test_damaged_segens_checkpoints_are_errors_for_predict_and_inspect(tmp_path: Path) -> None:
+    from segens.members.inspect_checkpoint import inspect_checkpoint
+
+    other = smp.Unet(encoder_name="resnet34", encoder_weights=None, classes=29)
+    payload = {"format": "segens-smp", "version": 2, "encoder": "resnet18", "in_channels": 3,
+               "state_dict": other.state_dict()}
+    torch.save(payload, tmp_path / "no-architecture.pt")
+    torch.save({**payload, "architecture": "Unet"}, tmp_path / "other-weights.pt")
+    member = SmpMember(_spec(tmp_path))
+    for load in (member.load_checkpoint, inspect_checkpoint):
+        with pytest.raises(SegensError, match=r"no-architecture\.pt: a segens checkpoint without architecture"):
+            load(tmp_path / "no-architecture.pt")
+        with pytest.raises(SegensError, match=r"other-weights\.pt: its weights do not fit its recorded Unet/resnet18 "
+                                              r"\(Error\(s\) in loading state_dict"):
+            load(tmp_path / "other-weights.pt")

@@ -61,7 +61,10 @@ def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            try:
+                module = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged archive
+                raise SegensError(f"{path}: a damaged TorchScript file ({type(exc).__name__})") from None
         report = CheckpointReport(path, "TorchScript", kind="torch")
         return _describe_module(report, module, None)
     try:
@@ -120,15 +123,13 @@ def _pretrained(path: Path) -> CheckpointReport:
 
 
 def _weights(path: Path, payload: Any) -> CheckpointReport:
-    from segens.members.smp import CHECKPOINT_FORMAT, build_model, recorded_input
+    from segens.members.smp import CHECKPOINT_FORMAT, checkpoint_model, recorded_input
 
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        module = checkpoint_model(payload, path)
         report = CheckpointReport(path, f"segens smp checkpoint (version {payload.get('version', 1)})", kind="smp",
                                   architecture=payload["architecture"], encoder=payload["encoder"],
                                   recorded_input=recorded_input(payload))
-        module = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
-                             payload.get("options"), str(path))
-        module.load_state_dict(payload["state_dict"])
         if payload.get("options"):
             report.spec["model"] = {"architecture": payload["architecture"], "encoder": payload["encoder"],
                                     "options": payload["options"]}
@@ -152,7 +153,10 @@ def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
         report.notes.append("loading it runs code stored in the file: pass --trust-pickle if you trust its source")
         report.spec = {"kind": "smp, torch or yolo (seen with --trust-pickle)"}
         return report
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way
+        raise SegensError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from None
     if isinstance(payload, dict) and "train_args" in payload and (payload.get("model") or payload.get("ema")):
         model = payload.get("model") or payload["ema"]
         report = CheckpointReport(path, "ultralytics checkpoint", kind="yolo", needs_trust_pickle=True,

@@ -123,6 +123,20 @@ def _module(model: Any, path: Path) -> torch.nn.Module:
     return model
 
 
+def checkpoint_model(payload: dict[str, Any], path: Path) -> torch.nn.Module:
+    """The model of a segens smp checkpoint, built from its recorded architecture and loaded with its weights; a
+    SegensError naming ``path`` for a checkpoint that lacks a field or whose weights do not fit."""
+    needed = ("architecture", "encoder", "in_channels", "state_dict")
+    missing = [name for name in needed if name not in payload]
+    if missing or not isinstance(payload["state_dict"], dict):
+        raise SegensError(f"{path}: a segens checkpoint without {', '.join(missing) or 'a state_dict'}; it is "
+                          "damaged: train the fold again or restore the file")
+    model = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
+                        payload.get("options"), str(path))
+    return load_weights(model, payload["state_dict"], f"{path}: its weights do not fit its recorded "
+                                                      f"{payload['architecture']}/{payload['encoder']}")
+
+
 def recorded_input(payload: dict[str, Any]) -> dict[str, Any] | None:
     """The input contract a segens checkpoint records (version 1 recorded only the size and channels)."""
     if isinstance(payload.get("input"), dict):
@@ -204,20 +218,15 @@ class SmpMember(NetworkMember):
                     "--trust-pickle if you trust its source, or re-save it as a state_dict") from None
             model = _module(torch.load(path, map_location="cpu", weights_only=False), path)
             return model, names_from(getattr(model, "classes", None))
-        names = None
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
             self.spec.input.check_recorded(recorded_input(payload), path, self.where)
-            names = names_from(payload.get("classes"))
-            model = build_model(payload["architecture"], payload["encoder"], None, payload["in_channels"],
-                                payload.get("options"), str(path))
-            state = payload["state_dict"]
-        elif isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-            model, state = self.new_model(), payload
-        else:
+            return checkpoint_model(payload, path), names_from(payload.get("classes"))
+        if not (isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values())):
             raise SegensError(f"{path}: neither a segens checkpoint nor a state_dict")
-        load_weights(model, state, f"{path}: weights do not fit {self.spec.model.get('architecture')}/"
-                                   f"{self.spec.model.get('encoder')} with {NUM_CLASSES} classes")
-        return model, names
+        model = load_weights(self.new_model(), payload, f"{path}: weights do not fit "
+                             f"{self.spec.model.get('architecture')}/{self.spec.model.get('encoder')} with "
+                             f"{NUM_CLASSES} classes")
+        return model, None
 
     def model_for(self, fold: int) -> LoadedModel:
         model = super().model_for(fold)
