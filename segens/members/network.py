@@ -234,8 +234,10 @@ class NetworkMember:
         return results
 
     def predict_uint8(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[tuple[np.ndarray, list | None]]:
-        """The quantized ``predict`` (identical values) with per-class boxes; for logits computed only where a
-        class can be non-zero; with ``postprocess_on_device``, computed where the network ran."""
+        """The quantized ``predict`` with per-class boxes. On the CPU path (logits upsampled only where a class can be
+        non-zero) the values are identical to quantizing ``predict``; with ``postprocess_on_device`` (the default on
+        CUDA) they are computed where the network ran, by the same torch code, and the device's float kernels may
+        move a value by one level (bench/gpu.py measures how often)."""
         probabilities = self._output_type(folds) == "probabilities"
         where = f"member {self.spec.name}"
         if self.postprocess_on_device:

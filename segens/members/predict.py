@@ -146,9 +146,11 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     each worker process builds the member once (one model copy, on its own GPU with ``device="auto"``) and writes
     its images straight into the store, so ``out`` must be reachable from every worker (a shared file system or
     a URL such as s3://bucket/m.oof.zarr opened with ``storage_options``); the data root, spec and checkpoints
-    are read by the workers at the same paths. The store's bytes do not depend on the backend, on resuming,
-    or on ``pipelined`` (False: decode, predict and write one batch after another in this thread, as before the
-    overlap; kept for benchmarks and as the reference of the pipelined path).
+    are read by the workers at the same paths. On one kind of device, the store's bytes do not depend on the
+    backend, on resuming, or on ``pipelined`` (False: decode, predict and write one batch after another in this
+    thread, as before the overlap; kept for benchmarks and as the reference of the pipelined path); a CUDA run
+    may differ from a CPU run by one level on some values (its post-processing runs on the GPU), so predict a
+    store on one kind of device.
     """
     check_backend(backend, scheduler)
     check_jobs(jobs)
