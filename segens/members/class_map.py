@@ -8,6 +8,7 @@ unknown or repeated name is an error naming it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from segens.classes import CLASSES, NUM_CLASSES
@@ -53,3 +54,11 @@ def resolve_names(spec_names: Sequence[str] | None, model_names: Sequence[str] |
         raise SegensError(f"{where}: classes {list(spec_names)} contradict the class names recorded in "
                           f"{checkpoint} ({list(model_names)}); remove 'classes' from the spec")
     return list(model_names) if model_names is not None else (list(spec_names) if spec_names is not None else None)
+
+
+def channel_order(spec_names: Sequence[str] | None, model_names: Sequence[str] | None, where: str,
+                  checkpoint: str | Path) -> tuple[list[int] | None, list[str] | None]:
+    """(competition class -> model channel, the model's names) from the checkpoint's names or the spec's
+    ``classes`` (``resolve_names``); (None, None) where neither gives names (the competition's order)."""
+    names = resolve_names(spec_names, model_names, where, str(checkpoint))
+    return (class_permutation(names, f"{checkpoint}: class names") if names is not None else None), names

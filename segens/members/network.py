@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from segens.classes import NUM_CLASSES
 from segens.errors import SegensError
-from segens.members.class_map import class_permutation, resolve_names
+from segens.members.class_map import channel_order
 from segens.members.postprocess import passes_to_uint8, passes_to_uint8_torch
 from segens.members.spec import MemberSpec
 from segens.members.store import quantize
@@ -149,8 +149,7 @@ class NetworkMember:
 
     def class_order(self, model_names: Sequence[str] | None, path: Path) -> tuple[list[int] | None, list[str] | None]:
         """(order, names) from the checkpoint's class names or the spec's ``classes``."""
-        names = resolve_names(self.spec.classes, model_names, self.where, str(path))
-        return (class_permutation(names, f"{path}: class names") if names is not None else None), names
+        return channel_order(self.spec.classes, model_names, self.where, path)
 
     def checked(self, loaded: LoadedModel, path: Path) -> LoadedModel:
         """Move to the device, eval mode, and one dummy forward: the output key and class count must fit."""

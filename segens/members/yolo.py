@@ -53,7 +53,7 @@ from segens.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
 from segens.folds.yolo_data import write_fold_dataset  # noqa: E402
 from segens.members.base import FoldResult  # noqa: E402
-from segens.members.class_map import class_permutation, names_from, resolve_names  # noqa: E402
+from segens.members.class_map import channel_order, names_from  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
 from segens.members.network import scaled_size, tta_passes  # noqa: E402
 from segens.members.postprocess import dyadic_step, upsample_region  # noqa: E402
@@ -415,8 +415,7 @@ class YoloMember:
         names = names_from(model.names)
         if names is not None and names == [str(index) for index in range(len(names))]:
             names = None  # ultralytics' placeholder names for a data YAML without names
-        names = resolve_names(self.spec.classes, names, str(self.spec.path or self.spec.name), str(path))
-        return (class_permutation(names, f"{path}: class names") if names is not None else None), names
+        return channel_order(self.spec.classes, names, self.spec.where, path)
 
     def _soft(self, model: YOLO, image: np.ndarray, imgsz: int | None = None) -> np.ndarray:
         result = soft_predict(model, image, imgsz=imgsz or self.imgsz, conf=float(self.model_settings["conf"]),
