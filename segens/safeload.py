@@ -147,3 +147,27 @@ def validate(model: type[Model], document: Any, where: str | Path) -> Model:
             problems.append(f"{location}: {error['msg']}")
         more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
         raise SegensError(f"{where}: {'; '.join(problems)}{more}") from None
+
+
+def torch_load_data(path: str | Path, what: str) -> Any | None:
+    """A torch file loaded with ``weights_only=True`` (tensors, numbers, strings, lists, dicts: nothing in it can
+    run code), or None when it holds pickled objects (loading those runs code: only ``torch_load_pickle``, behind
+    --trust-pickle). A SegensError naming ``what`` for a file torch cannot read at all."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if "Weights only load failed" in str(exc):
+            return None
+        raise SegensError(f"{path}: not a loadable {what} ({type(exc).__name__}: {exc})") from None
+
+
+def torch_load_pickle(path: str | Path, what: str) -> Any:
+    """A torch file fully unpickled (runs code stored in it: call only with --trust-pickle); failures named."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way
+        raise SegensError(f"{path}: the {what} cannot be unpickled ({type(exc).__name__}: {exc})") from None

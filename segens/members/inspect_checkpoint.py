@@ -17,6 +17,7 @@ import torch
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 from segens.members.class_map import class_permutation, names_from
+from segens.safeload import torch_load_data, torch_load_pickle
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DUMMY_SIDE = 256
@@ -67,13 +68,8 @@ def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
                 raise SegensError(f"{path}: a damaged TorchScript file ({type(exc).__name__})") from None
         report = CheckpointReport(path, "TorchScript", kind="torch")
         return _describe_module(report, module, None)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        if "Weights only load failed" not in str(exc):
-            raise SegensError(f"{path}: not a loadable torch checkpoint ({type(exc).__name__}: {exc})") from None
-        return _pickled(path, trust_pickle)
-    return _weights(path, payload)
+    payload = torch_load_data(path, "torch checkpoint")
+    return _pickled(path, trust_pickle) if payload is None else _weights(path, payload)
 
 
 def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointReport:
@@ -153,10 +149,7 @@ def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
         report.notes.append("loading it runs code stored in the file: pass --trust-pickle if you trust its source")
         report.spec = {"kind": "smp, torch or yolo (seen with --trust-pickle)"}
         return report
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way
-        raise SegensError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from None
+    payload = torch_load_pickle(path, "checkpoint")
     if isinstance(payload, dict) and "train_args" in payload and (payload.get("model") or payload.get("ema")):
         model = payload.get("model") or payload["ema"]
         report = CheckpointReport(path, "ultralytics checkpoint", kind="yolo", needs_trust_pickle=True,

@@ -35,6 +35,7 @@ from segens.members.network import LoadedModel, NetworkMember, average_passes, l
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
 from segens.progress import console, progress_bar
+from segens.safeload import torch_load_data, torch_load_pickle
 
 MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "scheduler", "loss", "augment",
@@ -207,16 +208,13 @@ class SmpMember(NetworkMember):
             except Exception as exc:  # noqa: BLE001 - any failure here is a bad checkpoint folder
                 raise SegensError(f"{path}: not an smp save_pretrained folder ({exc})") from None
             return _module(model, path), pretrained_class_names(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-            if "Weights only load failed" not in str(exc):
-                raise SegensError(f"{path}: not a loadable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        payload = torch_load_data(path, "torch checkpoint")
+        if payload is None:
             if not self.trust_pickle:
                 raise SegensError(
                     f"{path}: holds a whole pickled model; loading it runs code stored in the file. Pass "
-                    "--trust-pickle if you trust its source, or re-save it as a state_dict") from None
-            model = _module(torch.load(path, map_location="cpu", weights_only=False), path)
+                    "--trust-pickle if you trust its source, or re-save it as a state_dict")
+            model = _module(torch_load_pickle(path, "checkpoint"), path)
             return model, names_from(getattr(model, "classes", None))
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
             self.spec.input.check_recorded(recorded_input(payload), path, self.where)

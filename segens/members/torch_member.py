@@ -40,6 +40,7 @@ from segens.members.class_map import names_from
 from segens.members.network import OUTPUT_TYPES, LoadedModel, NetworkMember, load_weights
 from segens.members.registry import register
 from segens.members.spec import MemberSpec
+from segens.safeload import torch_load_data, torch_load_pickle
 
 MODEL_FIELDS = ("factory", "kwargs", "output", "format", "stride")
 FORMATS = ("auto", "torchscript", "state_dict", "pickle")
@@ -138,13 +139,10 @@ class TorchMember(NetworkMember):
                                   "torch.jit.save(torch.jit.script(model)) or use model.format state_dict") from None
         if self.format == "pickle":
             return self._pickled(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            if "Weights only load failed" not in str(exc):
-                raise SegensError(f"{path}: not a loadable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        payload = torch_load_data(path, "torch checkpoint")
+        if payload is None:
             if self.format == "state_dict":
-                raise SegensError(f"{path}: holds pickled objects, not a state_dict (model.format is state_dict)") from None
+                raise SegensError(f"{path}: holds pickled objects, not a state_dict (model.format is state_dict)")
             return self._pickled(path)
         return self._from_state_dict(_state_dict(payload, path), path)
 
@@ -152,7 +150,7 @@ class TorchMember(NetworkMember):
         if not self.trust_pickle:
             raise SegensError(f"{path}: holds a whole pickled model; loading it runs code stored in the file. Pass "
                               "--trust-pickle if you trust its source, or save a state_dict and give model.factory")
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        model = torch_load_pickle(path, "model")
         if not isinstance(model, torch.nn.Module):
             raise SegensError(f"{path}: the pickle holds a {type(model).__name__}, not a torch model")
         return model
