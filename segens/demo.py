@@ -21,7 +21,7 @@ from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
-from segens.folds.train import train_member
+from segens.members.train import train_member
 from segens.members.predict import predict_member
 from segens.synth import generate
 

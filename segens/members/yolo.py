@@ -51,7 +51,7 @@ from segens.classes import NUM_CLASSES  # noqa: E402
 from segens.dataset import ImageRecord, read_record_mask  # noqa: E402
 from segens.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
-from segens.folds.yolo_data import write_fold_dataset  # noqa: E402
+from segens.training.yolo_data import write_fold_dataset  # noqa: E402
 from segens.members.base import FoldResult  # noqa: E402
 from segens.members.class_map import class_permutation, names_from, resolve_names  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
