@@ -5,8 +5,8 @@ Per fold: the training and validation images are decoded once (segens.training.d
 a shuffled batch, augments it, runs forward/backward under the chosen precision, and sets the step's learning rate
 (warmup, then constant or cosine). Every ``val_every`` epochs the model is scored at the input size on the cached
 validation masks (cheap); the best of those is kept as best.pt, and only that checkpoint is scored with the
-competition's Dice at each image's original size. last.pt (loadable with ``weights_only=True``) lets a killed
-fold resume after its last finished epoch.
+competition's Dice at each image's original size. last.pt (loadable with ``weights_only=True``), written at each
+validation, lets a killed fold resume after its last validated epoch.
 """
 
 from __future__ import annotations
@@ -134,7 +134,6 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
     drop_last = len(train) > batch_size
     steps_per_epoch = len(train) // batch_size if drop_last else 1
     total = settings.total_steps(steps_per_epoch)
-    epochs = math.ceil(total / steps_per_epoch)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best_dice": -1.0, "best_input_dice": -1.0,
                              "val_dice": None}
     if last_path.exists():
@@ -148,12 +147,13 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
         torch.set_rng_state(saved["rng"])
         state.update({key: saved[key] for key in state if key in saved})
         state["step"] = int(saved.get("step", state["epoch"] * steps_per_epoch))
-        if state["epoch"] < epochs:
+        if state["step"] < total:
             console.print(f"{recipe.name} fold {fold}: resuming after epoch {state['epoch']}", markup=False)
 
-    if state["epoch"] < epochs:
-        console.print(f"{recipe.name} fold {fold}: {total} steps of batch {batch_size} ({epochs} epochs of "
-                      f"{steps_per_epoch}) on {len(train)} images, {precision.describe()} on {device}", markup=False)
+    if state["step"] < total:
+        epochs = state["epoch"] + math.ceil((total - state["step"]) / steps_per_epoch)
+        console.print(f"{recipe.name} fold {fold}: {total} steps of batch {batch_size} ({steps_per_epoch} an epoch) on "
+                      f"{len(train)} images, {precision.describe()} on {device}", markup=False)
         cache_folder = out_dir.parent / "cache" if settings.cache == "disk" else None
         if settings.cache == "none":
             dataset = LabelledImages(train, recipe.contract, augment)
@@ -168,34 +168,16 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
         loss_column = TextColumn("loss {task.fields[loss]:.4f}")
         with progress_bar("step", disable=not progress, extra=(loss_column,), transient=True) as bar:
             task = bar.add_task(f"{recipe.name} fold {fold}", total=total, completed=state["step"], loss=float("nan"))
-            for epoch in range(state["epoch"] + 1, epochs + 1):
-                model.train()
-                loss_sum, seen = 0.0, 0
-                for images, masks in loader:
-                    if state["step"] >= total:
-                        break
-                    lr = settings.lr * settings.lr_factor(state["step"], total)
-                    if plateau is None:
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                    images = precision.layout(images.to(device, non_blocking=True))
-                    masks = masks.to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    with precision.autocast():
-                        out = recipe.logits(model(images))
-                    loss = loss_fn(out.float(), masks)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state["step"] += 1
-                    loss_sum += float(loss.detach()) * len(images)
-                    seen += len(images)
-                    bar.update(task, advance=1, loss=loss_sum / seen)
-                row: dict[str, Any] = {"epoch": epoch, "step": state["step"], "loss": round(loss_sum / max(seen, 1), 6),
+            while state["step"] < total:
+                epoch = state["epoch"] + 1
+                loss = _train_epoch(model, loader, optimizer, plateau, scaler, loss_fn, precision, recipe, settings,
+                                    state, total, lambda value: bar.update(task, advance=1, loss=value))
+                row: dict[str, Any] = {"epoch": epoch, "step": state["step"], "loss": round(loss, 6),
                                        "lr": optimizer.param_groups[0]["lr"]}
-                if epoch % settings.val_every == 0 or epoch == epochs:
+                state["epoch"] = epoch
+                finished = state["step"] >= total
+                if epoch % settings.val_every == 0 or finished:
                     dice = input_size_dice(model, val_items, recipe.contract, precision, recipe.logits)
-                    model.train()
                     if plateau is not None:
                         plateau.step(dice)
                     improved = dice > state["best_input_dice"]
@@ -204,14 +186,14 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
                         state["best_input_dice"] = dice
                         state["val_dice"] = None
                         save_atomic(recipe.payload(model), best_path)
-                    if improved or epoch % report_every == 0 or epoch == epochs:
+                    if improved or epoch % report_every == 0 or finished:
                         console.print(f"{recipe.name} fold {fold}: epoch {epoch}/{epochs} step {state['step']}/{total}"
                                       f"  loss {row['loss']:.4f}  val Dice at input size {dice:.4f}"
                                       f"{'  (best)' if improved else ''}", markup=False)
                 state["history"].append(row)
-                state["epoch"] = epoch
-                _save_state(last_path, model, optimizer, plateau, scaler, state)
-                atomic_write_text(out_dir / "history.json", json.dumps(state["history"], indent=1))
+                if "val_dice_input" in row:  # resume state only where validated: a killed run redoes <= val_every epochs
+                    _save_state(last_path, model, optimizer, plateau, scaler, state)
+                    atomic_write_text(out_dir / "history.json", json.dumps(state["history"], indent=1))
     if not best_path.is_file():
         raise SegensError(f"{out_dir}: training ended without best.pt; delete {last_path} to train the fold again")
     if state["val_dice"] is None:
@@ -221,6 +203,33 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
         console.print(f"{recipe.name} fold {fold}: best.pt (val Dice at input size {state['best_input_dice']:.4f}) "
                       f"scores {state['val_dice']:.4f} at original size", markup=False)
     return TrainedFold(best_path, float(state["best_input_dice"]), float(state["val_dice"]), state["history"])
+
+
+def _train_epoch(model, loader, optimizer, plateau, scaler, loss_fn, precision: Precision, recipe: NetworkRecipe,
+                 settings: TrainSettings, state: dict[str, Any], total: int, advance: Callable[[float], None]) -> float:
+    """One pass over ``loader`` (stopping at ``total`` steps); counts steps in ``state``; the mean loss."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for images, masks in loader:
+        if state["step"] >= total:
+            break
+        if plateau is None:  # plateau owns the lr itself
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * settings.lr_factor(state["step"], total)
+        images = precision.layout(images.to(precision.device, non_blocking=True))
+        masks = masks.to(precision.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            out = recipe.logits(model(images))
+        loss = loss_fn(out.float(), masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        state["step"] += 1
+        loss_sum += float(loss.detach()) * len(images)
+        seen += len(images)
+        advance(loss_sum / seen)
+    return loss_sum / max(seen, 1)
 
 
 def _save_state(path: Path, model, optimizer, plateau, scaler, state: dict[str, Any]) -> None:

@@ -36,9 +36,10 @@ class Precision:
         return tensor_or_model.to(memory_format=torch.channels_last)
 
     def describe(self) -> str:
-        """E.g. ``bf16 autocast, channels_last`` or ``float32``."""
-        parts = [f"{str(self.dtype).removeprefix('torch.').replace('float16', 'fp16')} autocast"
-                 f"{' + grad scaler' if self.scaler else ''}" if self.dtype is not None else "float32"]
+        """E.g. ``bf16 autocast, channels_last``, ``fp16 autocast + grad scaler`` or ``float32``."""
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        parts = [f"{names[self.dtype]} autocast{' + grad scaler' if self.scaler else ''}"
+                 if self.dtype is not None else "float32"]
         return ", ".join(parts + (["channels_last"] if self.channels_last else []))
 
 
