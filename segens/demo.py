@@ -52,12 +52,12 @@ class DemoConfig:
     val_every: int = 5
 
 
-CPU_MEMBERS = {"unetpp-mobilenetv2": "mobilenet_v2", "unetpp-effb0": "efficientnet-b0"}
-FULL = DemoConfig("full", train_patients=24, test_patients=6, image_size=256, k=3, smp_members=CPU_MEMBERS,
-                  smp_input=128, smp_steps=180, smp_batch=8, smp_decoder=(64, 32, 16, 16, 16), yolo_input=256,
-                  yolo_epochs=30, yolo_batch=8, step=0.2)
+CPU_MEMBERS = {"unetpp-mobilenetv2": "mobilenet_v2", "unetpp-mobilenetv3": "tu-mobilenetv3_large_100"}
+FULL = DemoConfig("full", train_patients=32, test_patients=8, image_size=192, k=2, smp_members=CPU_MEMBERS,
+                  smp_input=96, smp_steps=250, smp_batch=8, smp_decoder=(64, 32, 16, 16, 16), yolo_input=128,
+                  yolo_epochs=100, yolo_batch=8, step=0.2)
 QUICK = DemoConfig("quick", train_patients=6, test_patients=2, image_size=128, k=2, smp_members=CPU_MEMBERS,
-                   smp_input=64, smp_steps=4, smp_batch=4, smp_decoder=(64, 32, 16, 16, 16), yolo_input=64,
+                   smp_input=64, smp_steps=3, smp_batch=4, smp_decoder=(64, 32, 16, 16, 16), yolo_input=64,
                    yolo_epochs=1, yolo_batch=4, step=0.25, val_every=1)
 CUDA = DemoConfig("cuda", train_patients=40, test_patients=10, image_size=512, k=3,
                   smp_members={"unetpp-resnet34": "resnet34", "unetpp-effb2": "efficientnet-b2"}, smp_input=512,
@@ -95,7 +95,7 @@ def member_specs(config: DemoConfig) -> dict[str, dict[str, Any]]:
         "name": "yolov8n-seg", "kind": "yolo", "input": {"size": config.yolo_input}, "tta": [],
         "model": {"config": "yolov8n-seg.yaml", "conf": 0.001, "max_det": 60},
         "train": {"epochs": config.yolo_epochs, "batch": config.yolo_batch, "nbs": config.yolo_batch,
-                  "optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1, "mosaic": 0.0, "close_mosaic": 0,
+                  "optimizer": "AdamW", "lr0": 0.004, "warmup_epochs": 2, "mosaic": 0.0, "close_mosaic": 0,
                   "val": False, "scale": 0.2, "translate": 0.05, "seed": 0}}
     return specs
 

@@ -41,7 +41,7 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_result.json").read_text())
-    members = {"unetpp-mobilenetv2", "unetpp-effb0", "yolov8n-seg"}
+    members = {"unetpp-mobilenetv2", "unetpp-mobilenetv3", "yolov8n-seg"}
     assert set(summary["member_dice"]) == set(summary["member_dice_searched"]) == members
     assert summary["member_network"]["unetpp-mobilenetv2"] == "UNet++ mobilenet_v2" and summary["config"] == "quick"
     assert list(summary["seconds"]) == ["synthetic data", "folds", "train members", "predict OOF and test stores",

@@ -71,8 +71,8 @@ def demo(
 ) -> None:
     """The whole workflow in one command, on a synthetic data set.
 
-    Makes a data set (24 patients for training, 6 for test, 256 px), patient-grouped folds, trains two UNet++
-    members (MobileNetV2 and EfficientNet-B0 encoders) and YOLOv8n-seg on every fold, predicts OOF and test stores,
+    Makes a data set (32 patients for training, 8 for test, 192 px), two patient-grouped folds, trains two UNet++
+    members (MobileNetV2 and MobileNetV3 encoders) and YOLOv8n-seg on every fold, predicts OOF and test stores,
     searches each member's thresholds and the ensemble's per-class weights on OOF (with a CV estimate), combines
     with soft, weighted and hard voting and scores everything on the test labels. Ends with one table; writes the
     submission, the recipes, the Dice plot and an overlay. `--device cuda` uses larger images, inputs and step
