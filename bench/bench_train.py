@@ -41,7 +41,8 @@ AUGMENT = {"hflip": 0.5, "brightness_contrast": 0.1}
 
 def _batches(dataset, batch_size: int):
     """An endless stream of shuffled batches (a fresh DataLoader epoch whenever one runs out)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
+    batch_size = min(batch_size, len(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
     while True:
         yield from loader
 

@@ -4,10 +4,11 @@ or tu-hrnet_w64 first of all) with a 29-channel sigmoid head: per-fold training 
 Spec fields: ``model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weights: null, in_channels: 3,
 options: {decoder_attention_type: scse}}`` (options: keyword arguments of the architecture);
 ``train:`` as segens.training.settings describes (epochs or steps, batch_size, lr, optimizer, scheduler with
-warmup, amp, cache, loss, augment, seed). Training is the shared loop of segens.training.loop. Checkpoints are a dict of the architecture fields, the class names, the input contract and the
-state_dict (``format: segens-smp``); a directory saved with smp's ``save_pretrained`` loads too, a whole pickled
-model only with ``trust_pickle``. Class names found in a checkpoint (or the spec's ``classes``) map its channels
-to the competition's classes; the input contract and prediction are segens.members.network's.
+warmup, amp, cache, loss, augment, seed); training is the shared loop of segens.training.loop. Checkpoints are a
+dict of the architecture fields, the class names, the input contract and the state_dict (``format: segens-smp``);
+a directory saved with smp's ``save_pretrained`` loads too, a whole pickled model only with ``trust_pickle``.
+Class names found in a checkpoint (or the spec's ``classes``) map its channels to the competition's classes; the
+input contract and prediction are segens.members.network's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from segens.members.class_map import names_from
 from segens.members.network import LoadedModel, NetworkMember, average_passes
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
-from segens.training.loop import NetworkRecipe, load_resume_state, train_network_fold  # noqa: F401 (load_resume_state: re-exported)
+from segens.training.loop import NetworkRecipe, train_network_fold
 from segens.training.settings import TRAIN_FIELDS, parse_settings
 
 MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")

@@ -51,13 +51,13 @@ from segens.classes import NUM_CLASSES  # noqa: E402
 from segens.dataset import ImageRecord, read_record_mask  # noqa: E402
 from segens.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
-from segens.training.yolo_data import write_fold_dataset  # noqa: E402
 from segens.members.base import FoldResult  # noqa: E402
 from segens.members.class_map import class_permutation, names_from, resolve_names  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
 from segens.members.network import scaled_size, tta_passes  # noqa: E402
 from segens.members.registry import register  # noqa: E402
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of  # noqa: E402
+from segens.training.yolo_data import write_fold_dataset  # noqa: E402
 
 MODEL_DEFAULTS: dict[str, Any] = {"config": "yolov8n-seg.yaml", "conf": 0.01, "iou": 0.7, "max_det": 300}
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 50, "batch": 8, "seed": 0}

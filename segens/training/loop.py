@@ -191,7 +191,7 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
                                       f"  loss {row['loss']:.4f}  val Dice at input size {dice:.4f}"
                                       f"{'  (best)' if improved else ''}", markup=False)
                 state["history"].append(row)
-                if "val_dice_input" in row:  # resume state only where validated: a killed run redoes <= val_every epochs
+                if "val_dice_input" in row:  # saved where validated: a killed run redoes <= val_every epochs
                     _save_state(last_path, model, optimizer, plateau, scaler, state)
                     atomic_write_text(out_dir / "history.json", json.dumps(state["history"], indent=1))
     if not best_path.is_file():
