@@ -55,7 +55,7 @@ class DemoConfig:
 
 CPU_MEMBERS = {"unetpp-mobilenetv2": "mobilenet_v2", "unetpp-mobilenetv3": "tu-mobilenetv3_large_100"}
 FULL = DemoConfig("full", train_patients=32, test_patients=8, image_size=192, k=2, smp_members=CPU_MEMBERS,
-                  smp_input=96, smp_steps=200, smp_batch=8, smp_decoder=(64, 32, 16, 16, 16), yolo_input=128,
+                  smp_input=96, smp_steps=250, smp_batch=8, smp_decoder=(64, 32, 16, 16, 16), yolo_input=128,
                   yolo_epochs=100, yolo_batch=8, step=0.2, jobs=2)
 QUICK = DemoConfig("quick", train_patients=6, test_patients=2, image_size=128, k=2, smp_members=CPU_MEMBERS,
                    smp_input=64, smp_steps=3, smp_batch=4, smp_decoder=(64, 32, 16, 16, 16), yolo_input=64,
