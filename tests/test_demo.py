@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from segens.classes import CLASSES
@@ -40,9 +41,12 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_result.json").read_text())
-    assert set(summary["member_dice"]) == {"unetpp-vgg19", "unetpp-hrnet", "yolov8-seg"}
+    members = {"unetpp-mobilenetv2", "unetpp-mobilenetv3", "yolov8n-seg"}
+    assert set(summary["member_dice"]) == set(summary["member_dice_searched"]) == members
+    assert summary["member_network"]["unetpp-mobilenetv2"] == "UNet++ mobilenet_v2" and summary["config"] == "quick"
     assert list(summary["seconds"]) == ["synthetic data", "folds", "train members", "predict OOF and test stores",
-                                        "search weights (with CV)", "combine (soft, weighted, hard)",
+                                        "search member thresholds", "search weights (with CV)",
+                                        "combine (soft, weighted, hard)",
                                         "evaluate on the test labels", "plots and overlay"]
     root = out / "data"
     # every Dice in the summary is what an independent scorer finds in the CSV the demo wrote
@@ -51,6 +55,10 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
             _reference_test_dice(out / f"submission_{strategy}.csv", root), abs=1e-9), strategy
     for name, dice in summary["member_dice"].items():
         assert dice == pytest.approx(_reference_test_dice(out / f"member_{name}.csv", root), abs=1e-9), name
+        searched = summary["member_dice_searched"][name]
+        assert searched == pytest.approx(_reference_test_dice(out / f"member_{name}_searched.csv", root), abs=1e-9)
+        member_recipe = json.loads((out / f"recipe_{name}.json").read_text())  # searched on OOF, one member
+        assert [member["name"] for member in member_recipe["members"]] == [name]
     # the weighted submission is the recipe applied by the straightforward pipeline, weights normalised here
     recipe = json.loads((out / "recipe.json").read_text())
     assert [member["name"] for member in recipe["members"]] == list(summary["member_dice"])
@@ -77,3 +85,18 @@ def test_selfcheck(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["selfcheck", "--out", str(tmp_path), "--size", "128"])
     assert result.exit_code == 0, result.output
     assert "self-check passed" in result.output
+
+
+def test_demo_configurations_are_valid_member_specs(tmp_path: Path) -> None:
+    from segens.demo import CUDA, FULL, QUICK, config_for, member_specs
+    from segens.members.registry import factory
+    from segens.members.spec import load_spec
+
+    assert config_for(True, "cuda") is QUICK and config_for(False, "cpu") is FULL
+    assert config_for(False, "cuda") is config_for(False, "cuda:1") is CUDA
+    assert CUDA.image_size > FULL.image_size and CUDA.smp_input > FULL.smp_input and CUDA.smp_steps > FULL.smp_steps
+    for config in (QUICK, FULL, CUDA):
+        for name, document in member_specs(config).items():
+            path = tmp_path / f"{config.name}-{name}.yaml"
+            path.write_text(yaml.safe_dump(document))
+            factory(document["kind"])(load_spec(path))  # every field checked as train-member checks it

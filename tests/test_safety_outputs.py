@@ -22,7 +22,7 @@ from segens.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.search_weights import search_weights
 from segens.errors import SegensError
-from segens.folds.train import train_member
+from segens.members.train import train_member
 from segens.members.predict import predict_member
 from segens.members.store import create_store, open_store
 from segens.outputs import Output, check_outputs, is_store

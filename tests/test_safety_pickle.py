@@ -20,11 +20,11 @@ from segens.errors import SegensError
 from segens.ensemble.search_resume import FinishedClasses, partial_root, result_from_json, result_to_json
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
-from segens.folds.train import train_member
-from segens.members.smp import load_resume_state
 from segens.members.spec import load_spec
 from segens.members.store import create_store
+from segens.members.train import train_member
 from segens.synth import generate
+from segens.training.loop import load_resume_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ from segens.classes import CLASSES
 from segens.cli import app
 from segens.dataset import discover
 from segens.errors import SegensError
-from segens.folds.augment import Augment
-from segens.folds.torchdata import LabelledImages
+from segens.training.augment import Augment
+from segens.training.data import LabelledImages
 from segens.members.input_contract import InputContract
 from segens.members.network import average_passes
 from segens.members.smp import SmpMember

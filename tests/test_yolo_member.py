@@ -15,7 +15,7 @@ from conftest import square_polygons
 from segens.classes import CLASSES
 from segens.dataset import ImageRecord, discover
 from segens.errors import SegensError
-from segens.folds.yolo_data import read_yolo_label, write_fold_dataset, yolo_label_text
+from segens.training.yolo_data import read_yolo_label, write_fold_dataset, yolo_label_text
 from segens.labels import write_label_json
 from segens.members.registry import factory
 from segens.members.spec import Checkpoint, MemberSpec

@@ -31,7 +31,7 @@ def train_member(
 
     Example: `ens train-member members/unetpp-vgg19.yaml --data data/ --folds folds.json --fold all`
     """
-    from segens.folds.train import train_member as run
+    from segens.members.train import train_member as run
 
     summaries = run(spec, data, folds, fold=fold, device=device, jobs=jobs, checkpoints_dir=checkpoints,
                     trust_pickle=trust_pickle)

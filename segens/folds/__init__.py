@@ -1,1 +1,1 @@
-"""Patient-grouped k-fold splits and per-fold training of members."""
+"""Patient-grouped k-fold splits (folds.json): making, checking and reading them."""

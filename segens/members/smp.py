@@ -3,12 +3,12 @@ or tu-hrnet_w64 first of all) with a 29-channel sigmoid head: per-fold training 
 
 Spec fields: ``model: {architecture: UnetPlusPlus, encoder: vgg19, encoder_weights: null, in_channels: 3,
 options: {decoder_attention_type: scse}}`` (options: keyword arguments of the architecture);
-``train: {epochs, batch_size, lr, weight_decay, optimizer: adam|adamw|lion, scheduler: none|plateau|cosine,
-loss: {bce: 0.5, dice: 0.5}, augment: {hflip: 0.5, rotate: 15, clahe: 0.3, brightness_contrast: 0.2},
-seed, workers}``. Checkpoints are a dict of the architecture fields, the class names, the input contract and the
-state_dict (``format: segens-smp``); a directory saved with smp's ``save_pretrained`` loads too, a whole pickled
-model only with ``trust_pickle``. Class names found in a checkpoint (or the spec's ``classes``) map its channels
-to the competition's classes; the input contract and prediction are segens.members.network's.
+``train:`` as segens.training.settings describes (epochs or steps, batch_size, lr, optimizer, scheduler with
+warmup, amp, cache, loss, augment, seed); training is the shared loop of segens.training.loop. Checkpoints are a
+dict of the architecture fields, the class names, the input contract and the state_dict (``format: segens-smp``);
+a directory saved with smp's ``save_pretrained`` loads too, a whole pickled model only with ``trust_pickle``.
+Class names found in a checkpoint (or the spec's ``classes``) map its channels to the competition's classes; the
+input contract and prediction are segens.members.network's.
 """
 
 from __future__ import annotations
@@ -19,29 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import TextColumn
 
-from segens.atomic import atomic_write, atomic_write_text
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.dataset import ImageRecord, read_record_mask
 from segens.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
-from segens.folds.augment import Augment
-from segens.folds.losses import WeightedLoss
-from segens.folds.torchdata import LabelledImages
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
 from segens.members.network import LoadedModel, NetworkMember, average_passes, load_weights
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
-from segens.progress import console, progress_bar
 from segens.safeload import torch_load_data, torch_load_pickle
+from segens.training.loop import NetworkRecipe, train_network_fold
+from segens.training.settings import TRAIN_FIELDS, parse_settings
 
 MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")
-TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "scheduler", "loss", "augment",
-                "seed", "workers", "predict_batch_size")
-OPTIMIZERS = ("adam", "adamw", "lion")
-SCHEDULERS = ("none", "plateau", "cosine")
 CHECKPOINT_FORMAT = "segens-smp"
 
 
@@ -90,32 +82,6 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         return output[0]
     return output
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
-
-
-def load_resume_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
-    """A fold's last.pt with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts: nothing in
-    it can run code); only with ``trust_pickle`` a file that needs a full unpickler (an older segens wrote some)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        if "Weights only load failed" not in str(exc):
-            raise SegensError(f"{path}: cannot read this fold's resume state ({type(exc).__name__}); delete it to "
-                              "train the fold from its first epoch") from None
-        if not trust_pickle:
-            raise SegensError(f"{path}: resume state holds pickled objects; loading it runs code stored in the file. "
-                              "Pass --trust-pickle if you wrote it (an older segens did), or delete it to train the "
-                              "fold from its first epoch") from None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    needed = ("model", "optimizer", "rng", "epoch", "history", "best_dice")
-    if not isinstance(saved, dict) or any(key not in saved for key in needed):
-        raise SegensError(f"{path}: not a segens resume state (needs {', '.join(needed)}); delete it to train the "
-                          "fold from its first epoch")
-    return saved
 
 
 def _module(model: Any, path: Path) -> torch.nn.Module:
@@ -169,7 +135,7 @@ class SmpMember(NetworkMember):
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
         where = spec.where
         _check_fields(spec.model, MODEL_FIELDS, where, "model")
-        _check_fields(spec.train, TRAIN_FIELDS, where, "train")
+        self.settings = parse_settings(spec.train, where, TRAIN_FIELDS)
         for required in ("architecture", "encoder"):
             if required not in spec.model:
                 raise SegensError(f"{where}: model.{required} is required for kind smp (e.g. UnetPlusPlus, vgg19)")
@@ -235,81 +201,24 @@ class SmpMember(NetworkMember):
     # ---- training ---------------------------------------------------------------------------------------
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
                    progress: bool = True) -> FoldResult:
-        """Train one fold; keep best.pt by validation Dice, last.pt for resuming, history.json per epoch."""
+        """Train one fold with the shared loop (segens.training.loop): best.pt by validation Dice, last.pt for
+        resuming, history.json per epoch; the checkpoint's Dice is best.pt's at each image's original size."""
         if self.spec.classes is not None and list(self.spec.classes) != list(CLASSES):
             raise SegensError(f"{self.where}: 'classes' gives the channel order of a checkpoint trained elsewhere; "
                               "segens trains in the competition's order: remove 'classes' to train this member")
-        settings = self.spec.train
-        epochs = int(settings.get("epochs", 30))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
-        torch.manual_seed(int(settings.get("seed", 0)) + fold)
-        model = self.new_model().to(self.device)
-        optimizer = _optimizer(model, settings, self.where)
-        scheduler = _scheduler(optimizer, settings, epochs, self.where)
-        loss_fn = WeightedLoss(settings.get("loss"), self.where)
-        state = {"epoch": 0, "history": [], "best_dice": -1.0}
-        if last_path.exists():
-            saved = load_resume_state(last_path, self.trust_pickle)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved.get("scheduler"):
-                scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["rng"])
-            state = {key: saved[key] for key in state}
-            if state["epoch"] < epochs:
-                console.print(f"{self.spec.name} fold {fold}: resuming after epoch {state['epoch']}", markup=False)
-        loader = torch.utils.data.DataLoader(
-            LabelledImages(train, self.spec.input, Augment(settings.get("augment"), self.where)),
-            batch_size=int(settings.get("batch_size", 2)), shuffle=True, num_workers=int(settings.get("workers", 0)),
-            drop_last=len(train) > int(settings.get("batch_size", 2)),
-        )
-        for epoch in range(state["epoch"] + 1, epochs + 1):
-            loss = self._train_epoch(model, loader, optimizer, loss_fn, f"fold {fold} epoch {epoch}/{epochs}", progress)
-            val_dice = float(self.validate(model, val))  # a plain float: last.pt loads with weights_only=True
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val_dice)
-            elif scheduler is not None:
-                scheduler.step()
-            improved = val_dice > state["best_dice"]
-            state["history"].append({"epoch": epoch, "loss": round(loss, 6), "val_dice": round(val_dice, 6),
-                                     "lr": optimizer.param_groups[0]["lr"], "best": improved})
-            if improved:
-                state["best_dice"] = val_dice
-                _save_atomic(self._checkpoint_payload(model), best_path)
-            state["epoch"] = epoch
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                          "rng": torch.get_rng_state(), **state}, last_path)
-            atomic_write_text(out_dir / "history.json", json.dumps(state["history"], indent=1))
-            console.print(f"{self.spec.name} fold {fold}: epoch {epoch}/{epochs}  loss {loss:.4f}  "
-                          f"val Dice {val_dice:.4f}{'  (best)' if improved else ''}", markup=False)
-        return FoldResult(Checkpoint(best_path, sha256_of(best_path), state["best_dice"]), state["history"])
+        recipe = NetworkRecipe(self.spec.name, self.where, self.spec.input, self.new_model, self._checkpoint_payload,
+                               score=lambda path: self.validate(self.load(path).module, val), logits=logits_of)
+        trained = train_network_fold(recipe, self.settings, fold, train, val, Path(out_dir), self.device, progress,
+                                     self.trust_pickle)
+        return FoldResult(Checkpoint(trained.best_path, sha256_of(trained.best_path), trained.val_dice),
+                          trained.history)
 
     def _checkpoint_payload(self, model: torch.nn.Module) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "version": 2, "architecture": self.spec.model["architecture"],
                 "encoder": self.spec.model["encoder"], "in_channels": self.spec.input.channels,
                 "options": self.spec.model.get("options") or {},
                 "classes": list(CLASSES), "input": self.spec.input.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-    def _train_epoch(self, model, loader, optimizer, loss_fn, label: str, progress: bool) -> float:
-        model.train()
-        total, count = 0.0, 0
-        loss_column = TextColumn("loss {task.fields[loss]:.4f}")
-        with progress_bar("batch", disable=not progress, extra=(loss_column,), transient=True) as bar:
-            task = bar.add_task(label, total=len(loader), loss=float("nan"))
-            for images, masks in loader:
-                images, masks = images.to(self.device), masks.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(logits_of(model(images)), masks)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(images)
-                count += len(images)
-                bar.update(task, advance=1, loss=total / count)
-        return total / max(count, 1)
+                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
 
     def validate(self, model: torch.nn.Module, val: Sequence[ImageRecord]) -> float:
         """The competition's Dice of ``model`` on ``val``: the prediction path's probabilities (input contract,
@@ -323,27 +232,3 @@ class SmpMember(NetworkMember):
             table.add(record.key, dice_per_class(pred, read_record_mask(record)))
         return table.mean() if table.scores else 0.0
 
-
-def _optimizer(model: torch.nn.Module, settings: dict, where: str) -> torch.optim.Optimizer:
-    name = str(settings.get("optimizer", "adamw")).lower()
-    lr, weight_decay = float(settings.get("lr", 1e-3)), float(settings.get("weight_decay", 1e-4))
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "lion":
-        from timm.optim import Lion
-
-        return Lion(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise SegensError(f"{where}: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, settings: dict, epochs: int, where: str):
-    name = str(settings.get("scheduler", "none")).lower()
-    if name == "none":
-        return None
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    raise SegensError(f"{where}: unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")

@@ -51,7 +51,6 @@ from segens.classes import NUM_CLASSES  # noqa: E402
 from segens.dataset import ImageRecord, read_record_mask  # noqa: E402
 from segens.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
-from segens.folds.yolo_data import write_fold_dataset  # noqa: E402
 from segens.members.base import FoldResult  # noqa: E402
 from segens.members.class_map import channel_order, names_from  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
@@ -59,15 +58,17 @@ from segens.members.network import scaled_size, tta_passes  # noqa: E402
 from segens.members.postprocess import dyadic_step, upsample_region  # noqa: E402
 from segens.members.registry import register  # noqa: E402
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of  # noqa: E402
+from segens.training.yolo_data import write_fold_dataset  # noqa: E402
 
 MODEL_DEFAULTS: dict[str, Any] = {"config": "yolov8n-seg.yaml", "conf": 0.01, "iou": 0.7, "max_det": 300}
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 50, "batch": 8, "seed": 0}
 # Ultralytics training arguments a spec may set, under ultralytics' own names (its defaults apply when absent).
+# val: false validates only after the last epoch (best.pt is then the last model), saving a validation per epoch.
 # nbs: ultralytics accumulates gradients up to a nominal batch of 64 images, so a tiny data set takes no optimizer
 # step at all after warmup unless nbs is lowered to the batch size.
 TRAIN_FIELDS = ("epochs", "batch", "lr0", "lrf", "optimizer", "seed", "patience", "nbs", "warmup_epochs",
                 "cos_lr", "weight_decay", "momentum", "close_mosaic", "mosaic", "fliplr", "scale", "translate",
-                "degrees", "hsv_v")
+                "degrees", "hsv_v", "val")
 _ABOVE_HALF = float(np.nextafter(np.float32(0.5), np.float32(1)))
 RUN_NAME = "train"  # ultralytics run folder inside out_dir: out_dir/train/weights/{best,last}.pt
 DONE_FILE = "segens_fold.json"  # written after the validation Dice; a finished fold is returned from it

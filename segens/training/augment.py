@@ -24,7 +24,7 @@ AUGMENTATIONS = ("hflip", "rotate", "clahe", "brightness_contrast")
 class Augment:
     """Callable (image uint8 (H, W) or (H, W, 3), masks uint8 (C, H, W), rng) -> (image float32 (1 or 3, H, W)
     pixel values in 0..255, masks float32 (C, H, W)); with an empty config it only converts. Scaling and
-    normalization are the input contract's (segens.members.input_contract), applied after this."""
+    normalization are the input contract's, applied after this."""
 
     def __init__(self, config: Mapping[str, Any] | None, where: str = "member spec") -> None:
         config = dict(config or {})
