@@ -179,6 +179,20 @@ def test_steps_budget_resumes_and_records_the_dice_at_original_size(small: Path,
     assert (fold_dir / "last.pt").stat().st_mtime_ns == before and again.epochs == 5
 
 
+def test_a_resume_state_that_no_longer_fits_the_spec_is_an_error_naming_last_pt(small: Path, tmp_path: Path) -> None:
+    spec_path = _spec(tmp_path / "m.yaml", steps=2, val_every=1)
+    train_member(spec_path, small / "data", small / "folds.json", fold="0", progress=False)
+    last = tmp_path / "r18" / "fold0" / "last.pt"
+    assert last.is_file()
+    document = yaml.safe_load(spec_path.read_text())
+    document["train"]["steps"] = 4  # unfinished again, so it resumes ...
+    document["model"]["options"]["decoder_channels"] = [16, 16, 8, 8, 8]  # ... into another decoder
+    spec_path.write_text(yaml.safe_dump(document))
+    with pytest.raises(SegensError, match=r"last\.pt: this fold's resume state does not fit the member spec as it "
+                                          r"is now \(RuntimeError: .*\); delete it to train the fold from its first"):
+        train_member(spec_path, small / "data", small / "folds.json", fold="0", progress=False)
+
+
 def test_amp_and_channels_last_run_on_cpu(small: Path, tmp_path: Path) -> None:
     spec_path = _spec(tmp_path / "m.yaml", steps=2, amp="bf16", channels_last=True)
     (summary,) = train_member(spec_path, small / "data", small / "folds.json", fold="1", progress=False)
