@@ -576,3 +576,10 @@ def test_predict_member_refuses_counts_below_one_in_the_library_and_the_cli(tmp_
     result = CliRunner().invoke(app, ["predict-member", "m.yaml", "--split", "test", "--data", "d", "--out", "o.zarr",
                                       option, str(value)])
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
+def test_train_member_refuses_jobs_below_one_in_the_library(tmp_path: Path) -> None:
+    from segens.members.train import train_member
+
+    with pytest.raises(SegensError, match="--jobs must be a whole number >= 1"):
+        train_member(tmp_path / "m.yaml", tmp_path, tmp_path / "f.json", jobs=0, progress=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from joblib import Parallel, delayed
 
+from segens.backend import check_jobs
 from segens.dataset import discover
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
@@ -67,6 +68,7 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
     fold there resumes. Resume state that needs a full unpickler (YOLO's, an older segens' last.pt) is loaded
     only with ``trust_pickle``.
     """
+    check_jobs(jobs)
     spec_path, root, folds_path = Path(spec_path), Path(root), Path(folds_path)
     spec = load_spec(spec_path)
     base = Path(checkpoints_dir) if checkpoints_dir else spec_path.parent / spec.name
