@@ -120,13 +120,15 @@ def reference_logits_to_uint8(logits: torch.Tensor, height: int, width: int) -> 
     return quantize(torch.sigmoid(full).numpy())
 
 
-def _check_logits(logits: torch.Tensor, where: str) -> torch.Tensor:
+def _check_logits(logits: torch.Tensor, where: str, on_device: bool = False) -> torch.Tensor:
+    """A (29, h, w) map as contiguous float32, on the CPU or (``on_device``) where it is; a SegensError for a wrong
+    shape or non-finite values."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
         shape = getattr(logits, "shape", type(logits).__name__)
         raise SegensError(f"{where}: expected logits of shape (classes, h, w), got {shape}")
     if logits.shape[0] != NUM_CLASSES:
         raise SegensError(f"{where}: expected {NUM_CLASSES} classes of logits, got {logits.shape[0]}")
-    logits = logits.detach().to("cpu", torch.float32).contiguous()
+    logits = logits.detach().to(logits.device if on_device else "cpu", torch.float32).contiguous()
     low, high = torch.aminmax(logits)  # both NaN if any value is NaN; one pass instead of isfinite's two
     if not (math.isfinite(low) and math.isfinite(high)):
         raise SegensError(f"{where}: the network produced NaN or infinite logits; check the checkpoint and input")
@@ -207,7 +209,7 @@ def passes_to_uint8_torch(passes: list[torch.Tensor], height: int, width: int, w
     the same order as the reference, with the quantization of ``store.quantize``: clip to [0, 1], x 255 in
     float32, round half to even); on CUDA the float kernels may round differently (see the README).
     """
-    planes = [_check_device_logits(output, where) for output in passes]
+    planes = [_check_logits(output, where, on_device=True) for output in passes]
     total = None
     for output in planes:
         term = F.interpolate(output[None], size=(height, width), mode="bilinear", align_corners=False)[0]
@@ -215,7 +217,7 @@ def passes_to_uint8_torch(passes: list[torch.Tensor], height: int, width: int, w
         total = term if total is None else total.add_(term)
     if len(planes) > 1:  # a device tensor divisor: CUDA would multiply by the reciprocal of a host scalar
         total = total / torch.tensor(len(planes), dtype=torch.float32, device=total.device)
-    values = quantize_torch(total)  # finite: every pass was checked by _check_device_logits
+    values = quantize_torch(total)  # finite: every pass was checked by _check_logits
     del total
     return copy_boxes(values)
 
@@ -243,16 +245,3 @@ def copy_boxes(values: torch.Tensor) -> tuple[np.ndarray, list[BBox | None]]:
         out[channel, box[0]:box[1], box[2]:box[3]] = values[channel, box[0]:box[1], box[2]:box[3]].cpu().numpy()
         boxes.append(box)
     return out, boxes
-
-
-def _check_device_logits(output: torch.Tensor, where: str) -> torch.Tensor:
-    """A (29, h, w) map as float32 on its own device; a SegensError for a wrong shape or non-finite values."""
-    if not isinstance(output, torch.Tensor) or output.ndim != 3:
-        shape = getattr(output, "shape", type(output).__name__)
-        raise SegensError(f"{where}: expected logits of shape (classes, h, w), got {shape}")
-    if output.shape[0] != NUM_CLASSES:
-        raise SegensError(f"{where}: expected {NUM_CLASSES} classes of logits, got {output.shape[0]}")
-    output = output.detach().float()
-    if not bool(torch.isfinite(output).all()):
-        raise SegensError(f"{where}: the network produced NaN or infinite logits; check the checkpoint and input")
-    return output
