@@ -144,7 +144,8 @@ def validate(model: type[Model], document: Any, where: str | Path) -> Model:
         problems = []
         for error in exc.errors()[:5]:
             location = ".".join(str(part) for part in error["loc"]) or "(document)"
-            problems.append(f"{location}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
+            problems.append(f"{location}: {message}")
         more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
         raise SegensError(f"{where}: {'; '.join(problems)}{more}") from None
 

@@ -257,3 +257,11 @@ def test_training_refuses_a_foreign_class_order(tmp_path: Path) -> None:
     with pytest.raises(SegensError, match=r"m\.yaml: 'classes' gives the channel order of a checkpoint trained elsewhere"):
         SmpMember(spec).train_fold(0, [], [], tmp_path / "fold0", progress=False)
     assert not (tmp_path / "fold0").exists()
+
+
+def test_a_size_error_reads_as_one_plain_message() -> None:
+    from segens.members.spec import spec_from_dict
+
+    with pytest.raises(SegensError, match=r"^x\.yaml: input\.size: must be a positive integer side or \[height, width\], "
+                                          r"each at most 8192, got 0$"):
+        spec_from_dict({"name": "a", "kind": "smp", "input": {"size": 0}}, "x.yaml")

@@ -26,7 +26,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -54,22 +54,21 @@ def _check_size(value: Any) -> Any:
     raise ValueError(f"must be a positive integer side or [height, width], each at most {MAX_SIDE}, got {value!r}")
 
 
+_Size = Annotated[Any, pydantic.AfterValidator(_check_size)]
+"""An input size: a positive side or [height, width], checked by ``_check_size``."""
+
+
 class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class _Input(_Strict):
-    size: Any = None
+    size: _Size = None
     channels: Literal[1, 3] = 3
     color: Literal["gray", "rgb", "bgr"] = "gray"
     scale: pydantic.confloat(gt=0) = 255.0
     normalize: Any = "none"
     resize: Literal["area", "bilinear", "nearest"] = "area"
-
-    @pydantic.field_validator("size")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        return _check_size(value)
 
     @pydantic.field_validator("normalize")
     @classmethod
@@ -94,7 +93,7 @@ class _Spec(_Strict):
     version: Literal[1, 2] = SPEC_VERSION
     name: str
     kind: str
-    input_size: Any = None
+    input_size: _Size = None
     input: _Input | None = None
     classes: list[str] | None = None
     tta: list[Any] | None = None
@@ -110,11 +109,6 @@ class _Spec(_Strict):
         if kind not in kinds():
             raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(kinds())}")
         return kind
-
-    @pydantic.field_validator("input_size")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        return _check_size(value)
 
     @pydantic.field_validator("tta")
     @classmethod
