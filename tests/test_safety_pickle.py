@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from segens.errors import SegensError
+from segens.ensemble.search_resume import FORMAT as RESUME_FORMAT
 from segens.ensemble.search_resume import FinishedClasses, partial_root, result_from_json, result_to_json
 from segens.ensemble.search_weights import search_weights
 from segens.folds.splits import make_folds, save_folds
@@ -106,11 +107,14 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
     assert not out.exists()
     (folder,) = partial_root(out).iterdir()
     finished = sorted(folder.glob("class-*.json"))
-    assert finished and all(json.loads(path.read_text())["format"] == 2 for path in finished)
+    assert finished and all(json.loads(path.read_text())["format"] == RESUME_FORMAT for path in finished)
     marker = tmp_path / "code-ran"
     for channel in range(29):
         (folder / f"class-{channel:02d}.pkl").write_bytes(evil_pickle(marker))
     finished[0].write_bytes(evil_pickle(marker))  # a "JSON" file that is a pickle: searched again, never loaded
+    (batch,) = (folder / "evidence").glob("batch-*.npz")  # evidence that is a pickle, or an npz holding one
+    batch.write_bytes(evil_pickle(marker))
+    np.savez(folder / "evidence" / "batch-999999-1000000.npz", **{"0/values": np.array([object()], dtype=object)})
     assert len(FinishedClasses(out, folder.name).load()) == len(finished) - 1
 
     _search(project, out)
@@ -121,13 +125,14 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
 
 def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(project: Path, tmp_path: Path) -> None:
     from segens.dataset import discover
-    from segens.ensemble.evidence import threshold_grid
+    from segens.ensemble.evidence import extract_class, threshold_grid
     from segens.ensemble.search import search_class
     from segens.members.store import open_store
 
     stores = [open_store(project / "a.oof.zarr"), open_store(project / "b.oof.zarr")]
     records = discover(project / "data", "train").records
-    result = search_class(stores, records, 3, "hard", threshold_grid(), folds_of_images=[i % 3 for i in range(len(records))])
+    evidence = extract_class(stores, records, 3, threshold_grid())
+    result = search_class(evidence, "hard", threshold_grid(), folds_of_images=[i % 3 for i in range(len(records))])
     back = result_from_json(json.loads(json.dumps(result_to_json(result))), tmp_path / "x.json")
     assert result_to_json(back) == result_to_json(result)
     assert back.recipe_choice.member_thresholds.tolist() == result.recipe_choice.member_thresholds.tolist()

@@ -68,7 +68,8 @@ def search_weights(
     method: Annotated[str, typer.Option(help="grid, or caruana (greedy selection with replacement, for many members).")] = "grid",
     cv: Annotated[bool, typer.Option(help="Repeat the search with each fold held out: an honest estimate of the gain.")] = False,
     postprocess: Annotated[bool, typer.Option(help="Try largest-component and hole filling per class; keep what helps.")] = True,
-    jobs: Annotated[int, typer.Option(min=1, help="Classes searched in parallel.")] = 1,
+    fallback: Annotated[bool, typer.Option(help="With --cv: per class, keep a searched setting only where the held-out folds show it beats the simpler one by more than a standard error; else the equal weights at a searched threshold, or the plain rule.")] = True,
+    jobs: Annotated[int, typer.Option(min=1, help="Images, then classes, processed in parallel.")] = 1,
     report_csv: Annotated[Path | None, typer.Option(help="Write the per-class table as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: weights heatmap and Dice gain per class.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out, --report-csv or --plot.")] = False,
@@ -82,8 +83,9 @@ def search_weights(
     include equal weights and each single member, so the recipe is never worse on OOF than either; thresholds
     are swept over all 255 quantization midpoints. Pixels that no candidate can change are counted once, so
     scores equal a brute-force evaluation. OOF scores of a fitted recipe flatter it: `--cv` says honestly
-    whether it beats the plain mean on held-out folds. Finished classes are kept beside the recipe until it is
-    written: a killed search, run again with the same inputs, resumes.
+    whether it beats the plain mean on held-out folds, and with it each class falls back to a simpler setting
+    where searching does not pay. The OOF evidence (each store and label read once) and finished classes are
+    kept beside the recipe until it is written: a killed search, run again with the same inputs, resumes.
 
     Example: `ens search-weights stores/*.oof.zarr --data data/ --folds folds.json --cv --out recipe.json --plot report.png`
 
@@ -98,7 +100,7 @@ def search_weights(
     from segens.outputs import Output
 
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
-                 postprocess=postprocess, backend=backend, scheduler=scheduler,
+                 postprocess=postprocess, fallback=fallback, backend=backend, scheduler=scheduler,
                  storage_options=parse_storage_options(storage_options), overwrite=overwrite,
                  also_written=[Output(report_csv, option="--report-csv"), Output(plot, option="--plot")])
     rows = report_rows(report)

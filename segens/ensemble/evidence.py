@@ -37,90 +37,207 @@ def threshold_grid(low: float = THRESHOLDS[0], high: float = THRESHOLDS[-1]) -> 
 
 @dataclass
 class ClassEvidence:
-    """One class's OOF evidence: fixed pixels counted per image, ambiguous pixels kept with their truth."""
+    """One class's OOF evidence: fixed pixels counted per image, ambiguous pixels kept with their truth, and per
+    image what rebuilds any candidate's mask in the class's union box (for post-processing)."""
 
     channel: int
-    values: np.ndarray  # (N, M) uint8: members' values at the ambiguous pixels
+    values: np.ndarray  # (M, N) uint8: each member's values at the ambiguous pixels, grouped by image in order
     truth: np.ndarray  # (N,) bool: ground truth at those pixels
     image: np.ndarray  # (N,) int32: which image each pixel belongs to
+    position: np.ndarray  # (N,) int32: the pixel's flat index in its image's box
     fixed_positive: np.ndarray  # (images,) int64: pixels positive for every candidate
     fixed_true_positive: np.ndarray  # (images,) int64: of those, in the ground truth
     truth_total: np.ndarray  # (images,) int64: ground-truth pixels of the class in each image
+    boxes: np.ndarray  # (images, 4) int32: union box of the members' boxes (row0, row1, col0, col1); -1 if none
+    bits: np.ndarray  # uint8: per image, np.packbits of the always-positive mask, then of the truth, in the box
+    bit_offsets: np.ndarray  # (images + 1,) int64: where each image's bits start in ``bits``
 
     @property
     def images(self) -> int:
         return len(self.truth_total)
 
+    @property
+    def members(self) -> int:
+        return self.values.shape[0]
+
+    def box_masks(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(always positive, truth) bool masks of image ``index`` inside its box."""
+        r0, r1, c0, c1 = self.boxes[index]
+        area = int((r1 - r0) * (c1 - c0))
+        packed = self.bits[self.bit_offsets[index]:self.bit_offsets[index + 1]]
+        half = packed.size // 2
+        shape = (int(r1 - r0), int(c1 - c0))
+        return (np.unpackbits(packed[:half], count=area).view(bool).reshape(shape),
+                np.unpackbits(packed[half:], count=area).view(bool).reshape(shape))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields as named arrays (for np.savez)."""
+        return {name: np.asarray(getattr(self, name)) for name in FIELDS}
+
+
+FIELDS = ("values", "truth", "image", "position", "fixed_positive", "fixed_true_positive", "truth_total", "boxes",
+          "bits", "bit_offsets")
+
+
+def concatenate(channel: int, parts: Sequence[ClassEvidence]) -> ClassEvidence:
+    """The evidence of consecutive image batches as one (image indices and bit offsets shifted)."""
+    image_base = np.cumsum([0] + [part.images for part in parts])
+    bit_base = np.cumsum([0] + [part.bits.size for part in parts])
+    return ClassEvidence(
+        channel,
+        np.concatenate([part.values for part in parts], axis=1),
+        np.concatenate([part.truth for part in parts]),
+        np.concatenate([part.image + np.int32(base) for part, base in zip(parts, image_base)]).astype(np.int32),
+        np.concatenate([part.position for part in parts]),
+        np.concatenate([part.fixed_positive for part in parts]),
+        np.concatenate([part.fixed_true_positive for part in parts]),
+        np.concatenate([part.truth_total for part in parts]),
+        np.concatenate([part.boxes for part in parts]),
+        np.concatenate([part.bits for part in parts]),
+        np.concatenate([[0]] + [part.bit_offsets[1:] + base for part, base in zip(parts, bit_base)]).astype(np.int64),
+    )
+
 
 def class_truth(record: ImageRecord, channel: int, size: tuple[int, int]) -> np.ndarray:
     """The (H, W) bool ground truth of one class of one image."""
-    from segens.classes import CLASSES
+    return image_truth(record, size)[channel]
 
+
+def image_truth(record: ImageRecord, size: tuple[int, int]) -> np.ndarray:
+    """The (29, H, W) bool ground truth of one image (its label file parsed and checked once)."""
     polygons = parse_label_json(record.label_path)
     check_points_inside(record.label_path, polygons, *size)
-    name = CLASSES[channel]
-    return rasterize({name: polygons[name]}, *size)[channel]
+    return rasterize(polygons, *size)
+
+
+def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageRecord], channels: Sequence[int],
+                    thresholds: np.ndarray) -> dict[int, ClassEvidence]:
+    """The evidence of ``channels`` over ``records``: each image's label rasterised once, each store's class regions
+    read once, only the ambiguous pixels kept (channel -> ClassEvidence)."""
+    low = float(thresholds.min()) * 255 - SAFETY
+    high = float(thresholds.max()) * 255 + SAFETY
+    members, count = len(stores), len(records)
+    pieces: dict[int, dict[str, list]] = {channel: {name: [] for name in ("values", "truth", "image", "position",
+                                                                           "bits")} for channel in channels}
+    counts = {channel: np.zeros((3, count), np.int64) for channel in channels}  # fixed +, fixed true +, truth
+    boxes = {channel: np.full((count, 4), -1, np.int32) for channel in channels}
+    for index, record in enumerate(records):
+        size = stores[0].image_size(record.key)
+        truth = image_truth(record, size)
+        member_boxes = [store.boxes(record.key) for store in stores]
+        for channel in channels:
+            counts[channel][2, index] = np.count_nonzero(truth[channel])
+            box = union_box([member[channel] for member in member_boxes])
+            piece = pieces[channel]
+            if box is None:
+                piece["bits"].append(np.zeros(0, np.uint8))
+                continue
+            boxes[channel][index] = box
+            regions = [store.read_region(record.key, channel, box) for store in stores]
+            lowest, highest = regions[0].copy(), regions[0].copy()
+            for region in regions[1:]:
+                np.minimum(lowest, region, out=lowest)
+                np.maximum(highest, region, out=highest)
+            region_truth = truth[channel, box[0] : box[1], box[2] : box[3]]
+            always = lowest > high
+            ambiguous = ~always & (highest >= low)
+            counts[channel][0, index] = np.count_nonzero(always)
+            counts[channel][1, index] = np.count_nonzero(always & region_truth)
+            position = np.flatnonzero(ambiguous).astype(np.int32)
+            piece["values"].append(np.stack([region.ravel()[position] for region in regions]))
+            piece["truth"].append(region_truth.ravel()[position])
+            piece["image"].append(np.full(position.size, index, np.int32))
+            piece["position"].append(position)
+            piece["bits"].append(np.concatenate([np.packbits(always), np.packbits(region_truth)]))
+    result = {}
+    for channel in channels:
+        piece = pieces[channel]
+        offsets = np.zeros(count + 1, np.int64)
+        offsets[1:] = np.cumsum([bits.size for bits in piece["bits"]])
+        result[channel] = ClassEvidence(
+            channel,
+            np.concatenate(piece["values"], axis=1) if piece["values"] else np.zeros((members, 0), np.uint8),
+            np.concatenate(piece["truth"]) if piece["truth"] else np.zeros(0, bool),
+            np.concatenate(piece["image"]) if piece["image"] else np.zeros(0, np.int32),
+            np.concatenate(piece["position"]) if piece["position"] else np.zeros(0, np.int32),
+            counts[channel][0], counts[channel][1], counts[channel][2], boxes[channel],
+            np.concatenate(piece["bits"]) if piece["bits"] else np.zeros(0, np.uint8), offsets,
+        )
+    return result
 
 
 def extract_class(stores: Sequence[ProbabilityStore], records: Sequence[ImageRecord], channel: int,
                   thresholds: np.ndarray) -> ClassEvidence:
-    """Read each image's class region from every store once and keep only the ambiguous pixels."""
-    low = float(thresholds.min()) * 255 - SAFETY
-    high = float(thresholds.max()) * 255 + SAFETY
-    values, truths, images = [], [], []
-    count = len(records)
-    fixed_positive = np.zeros(count, np.int64)
-    fixed_true_positive = np.zeros(count, np.int64)
-    truth_total = np.zeros(count, np.int64)
-    for index, record in enumerate(records):
-        size = stores[0].image_size(record.key)
-        truth = class_truth(record, channel, size)
-        truth_total[index] = np.count_nonzero(truth)
-        boxes = [store.boxes(record.key)[channel] for store in stores]
-        box = union_box(boxes)
-        if box is None:
+    """The evidence of one class (:func:`extract_classes` of one channel)."""
+    return extract_classes(stores, records, [channel], thresholds)[channel]
+
+
+def weighted_kept(evidence: ClassEvidence, weights: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """(N,) bool: the ambiguous pixels kept by float32 ``weights`` at ``threshold``, summed as combine sums."""
+    total = np.zeros(evidence.truth.size, np.float32)
+    for member in range(evidence.members):
+        total += weights[member] * (evidence.values[member].astype(np.float32) / np.float32(255))
+    return total > threshold
+
+
+def hard_kept(evidence: ClassEvidence, member_thresholds: np.ndarray, min_votes: float) -> np.ndarray:
+    """(N,) bool: the ambiguous pixels with at least ``min_votes`` unit votes (a member votes when p > its
+    float32 threshold), as combine counts them."""
+    votes = np.zeros(evidence.truth.size, np.float64)
+    for member in range(evidence.members):
+        votes += evidence.values[member].astype(np.float32) / np.float32(255) > member_thresholds[member]
+    return votes >= min_votes
+
+
+def image_masks(evidence: ClassEvidence, kept: np.ndarray):
+    """Per image: (box mask of a candidate whose ambiguous pixels ``kept`` says, truth in the box) or None for
+    an image without a box; the mask equals what combine makes before post-processing."""
+    starts = _pixel_starts(evidence)
+    for index in range(evidence.images):
+        if evidence.boxes[index, 0] < 0:
+            yield None
             continue
-        stack = np.stack([store.read_region(record.key, channel, box) for store in stores], axis=-1)
-        region_truth = truth[box[0] : box[1], box[2] : box[3]]
-        always = stack.min(axis=-1) > high
-        never = stack.max(axis=-1) < low
-        fixed_positive[index] = np.count_nonzero(always)
-        fixed_true_positive[index] = np.count_nonzero(always & region_truth)
-        ambiguous = ~(always | never)
-        values.append(stack[ambiguous])
-        truths.append(region_truth[ambiguous])
-        images.append(np.full(int(ambiguous.sum()), index, np.int32))
-    members = len(stores)
-    return ClassEvidence(
-        channel,
-        np.concatenate(values) if values else np.zeros((0, members), np.uint8),
-        np.concatenate(truths) if truths else np.zeros(0, bool),
-        np.concatenate(images) if images else np.zeros(0, np.int32),
-        fixed_positive, fixed_true_positive, truth_total,
-    )
+        always, truth = evidence.box_masks(index)
+        mask = always.copy()
+        chosen = slice(starts[index], starts[index + 1])
+        mask.ravel()[evidence.position[chosen][kept[chosen]]] = True
+        yield mask, truth
+
+
+LEVELS_OF_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)  # p of each stored uint8 value, as combine
+BUCKETS = 4096  # of s in [0, 1], for finding a pixel's place among the thresholds without a binary search
+
+
+def _pixel_starts(evidence: ClassEvidence) -> np.ndarray:
+    """(images + 1,) int64: where each image's ambiguous pixels start (they are grouped by image, in order)."""
+    if getattr(evidence, "_starts", None) is None:
+        evidence._starts = np.searchsorted(evidence.image, np.arange(evidence.images + 1)).astype(np.int64)
+    return evidence._starts
 
 
 @numba.njit(cache=True, nogil=True)
-def _weighted_histograms(values, truth, image, weights, thresholds, images):  # pragma: no cover - compiled
-    """Per image, how many ambiguous pixels (and truth pixels) have exactly j thresholds below their s."""
-    levels = thresholds.size
+def _weighted_histograms(values, truth, starts, products, thresholds, lookup):  # pragma: no cover - compiled
+    """Per image, how many ambiguous pixels (and truth pixels) have exactly j thresholds below their s, where
+    s = sum over members, in order, of products[m, v] (float32 weight x v / 255, as combine computes it).
+    ``thresholds`` ends with one +inf; ``lookup[b]`` counts the thresholds below b / (lookup.size - 1), whose
+    buckets are narrower than the gaps between thresholds, so one comparison finds a pixel's place."""
+    levels = thresholds.size - 1
+    images = starts.size - 1
+    total = np.zeros(values.shape[1], np.float32)
+    for member in range(values.shape[0]):  # member by member: the inner loop vectorises
+        product, value = products[member], values[member]
+        for pixel in range(total.size):
+            total[pixel] = total[pixel] + product[value[pixel]]
     positives = np.zeros((images, levels + 1), np.int64)
     true_positives = np.zeros((images, levels + 1), np.int64)
-    scale = np.float32(255)
-    for pixel in range(values.shape[0]):
-        total = np.float32(0)
-        for member in range(values.shape[1]):
-            total = total + weights[member] * (np.float32(values[pixel, member]) / scale)
-        low, high = 0, levels  # first index whose threshold is >= total
-        while low < high:
-            middle = (low + high) // 2
-            if thresholds[middle] < total:
-                low = middle + 1
-            else:
-                high = middle
-        positives[image[pixel], low] += 1
-        if truth[pixel]:
-            true_positives[image[pixel], low] += 1
+    scale = np.float32(lookup.size - 1)
+    for index in range(images):
+        for pixel in range(starts[index], starts[index + 1]):
+            s = total[pixel]
+            below = lookup[min(max(int(s * scale) - 1, 0), lookup.size - 1)]  # every threshold it counts is below s
+            below += thresholds[below] < s  # at most one more does
+            positives[index, below] += 1
+            true_positives[index, below] += truth[pixel]
     return positives, true_positives
 
 
@@ -132,38 +249,41 @@ def _above(histogram: np.ndarray) -> np.ndarray:
 
 def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(images, K) Dice of every threshold for float32 ``weights`` (as combine uses them), exactly."""
-    positives, true_positives = _weighted_histograms(evidence.values, evidence.truth, evidence.image,
-                                                     weights.astype(np.float32), thresholds, evidence.images)
+    products = weights.astype(np.float32)[:, None] * LEVELS_OF_VALUES[None, :]  # float32, as combine multiplies
+    if np.any(np.diff(thresholds.astype(np.float64)) <= 2 / BUCKETS):
+        raise ValueError("thresholds must be sorted and further apart than 2 / BUCKETS")
+    lookup = np.searchsorted(thresholds.astype(np.float64), np.arange(BUCKETS + 1) / BUCKETS, side="left")
+    padded = np.concatenate([thresholds.astype(np.float32), [np.float32(np.inf)]])
+    positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8),
+                                                     _pixel_starts(evidence), products, padded, lookup.astype(np.int64))
     return _dice_of(evidence, positives, true_positives)
 
 
-
-
 @numba.njit(cache=True, nogil=True)
-def _hard_histograms(values, truth, image, member_thresholds, swept, thresholds, min_votes, images):  # pragma: no cover
-    """Hard voting with member ``swept``'s threshold swept over ``thresholds`` and the others fixed: per image,
-    pixels (and truth pixels) kept for exactly the first j thresholds, as histograms over j."""
-    levels = thresholds.size
+def _hard_histograms(values, truth, starts, votes_of, swept, below_of, levels, min_votes):  # pragma: no cover
+    """Hard voting with member ``swept``'s threshold swept and the others fixed: per image, pixels (and truth
+    pixels) kept for exactly the first j thresholds, as histograms over j. votes_of[m, v]: member m votes for
+    value v at its threshold; below_of[v]: how many swept thresholds lie below v / 255."""
+    images = starts.size - 1
+    others = np.zeros(values.shape[1], np.uint8)
+    for member in range(values.shape[0]):  # member by member: the inner loop vectorises
+        if member != swept:
+            vote, value = votes_of[member], values[member]
+            for pixel in range(others.size):
+                others[pixel] += vote[value[pixel]]
+    swept_values = values[swept]
     positives = np.zeros((images, levels + 1), np.int64)
     true_positives = np.zeros((images, levels + 1), np.int64)
-    scale = np.float32(255)
-    for pixel in range(values.shape[0]):
-        others = 0
-        for member in range(values.shape[1]):
-            if member != swept and np.float32(values[pixel, member]) / scale > member_thresholds[member]:
-                others += 1
-        if others >= min_votes:
-            kept_for = levels
-        elif others == min_votes - 1:
-            p = np.float32(values[pixel, swept]) / scale
-            kept_for = 0  # the swept member votes for threshold k exactly when thresholds[k] < p
-            while kept_for < levels and thresholds[kept_for] < p:
-                kept_for += 1
-        else:
-            kept_for = 0
-        positives[image[pixel], kept_for] += 1
-        if truth[pixel]:
-            true_positives[image[pixel], kept_for] += 1
+    for index in range(images):
+        for pixel in range(starts[index], starts[index + 1]):
+            if others[pixel] >= min_votes:
+                kept_for = levels
+            elif others[pixel] == min_votes - 1:
+                kept_for = below_of[swept_values[pixel]]  # the swept member votes at threshold k iff k < this
+            else:
+                kept_for = 0
+            positives[index, kept_for] += 1
+            true_positives[index, kept_for] += truth[pixel]
     return positives, true_positives
 
 
@@ -171,9 +291,11 @@ def hard_dice(evidence: ClassEvidence, member_thresholds: np.ndarray, swept: int
               thresholds: np.ndarray) -> np.ndarray:
     """(images, K) Dice of hard voting (unit votes, keep votes >= min_votes) for each threshold of member
     ``swept``, the other members at ``member_thresholds``."""
-    positives, true_positives = _hard_histograms(evidence.values, evidence.truth, evidence.image,
-                                                 member_thresholds.astype(np.float32), swept, thresholds,
-                                                 min_votes, evidence.images)
+    votes_of = (LEVELS_OF_VALUES[None, :] > member_thresholds.astype(np.float32)[:, None]).view(np.uint8)
+    below_of = np.searchsorted(thresholds, LEVELS_OF_VALUES, side="left").astype(np.int64)  # thresholds < p
+    positives, true_positives = _hard_histograms(evidence.values, evidence.truth.view(np.uint8),
+                                                 _pixel_starts(evidence), votes_of,
+                                                 swept, below_of, thresholds.size, min_votes)
     return _dice_of(evidence, positives, true_positives)
 
 

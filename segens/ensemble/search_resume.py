@@ -27,12 +27,13 @@ import pydantic
 from segens.atomic import atomic_write_text
 from segens.classes import NUM_CLASSES
 from segens.ensemble.recipe import POSTPROCESSING
-from segens.ensemble.search import ClassResult, Choice
+from segens.ensemble.search import LEVELS, ClassResult, Choice
 from segens.errors import SegensError
 from segens.members.store import ProbabilityStore
 from segens.safeload import load_json, validate
 
-FORMAT = 2  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles)
+FORMAT = 3  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
+#   3: the level kept by the no-loss rule, evidence batches beside the classes)
 MAX_CLASS_FILE_BYTES = 4 << 20
 
 
@@ -119,6 +120,7 @@ class _ClassDocument(pydantic.BaseModel):
     ambiguous_pixels: int = pydantic.Field(ge=0)
     evaluations: int = pydantic.Field(ge=0)
     cv: list[dict[str, float]]
+    level: Literal[tuple(LEVELS)]  # type: ignore[valid-type]
 
 
 def result_to_json(result: ClassResult) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def result_to_json(result: ClassResult) -> dict[str, Any]:
         "postprocess": [str(step) for step in result.postprocess], "oof_dice": float(result.oof_dice),
         "member_dice": [float(d) for d in result.member_dice], "mean_dice": float(result.mean_dice),
         "ambiguous_pixels": int(result.ambiguous_pixels), "evaluations": int(result.evaluations),
-        "cv": [{str(k): float(v) for k, v in fold.items()} for fold in result.cv],
+        "cv": [{str(k): float(v) for k, v in fold.items()} for fold in result.cv], "level": str(result.level),
     }
 
 
@@ -151,4 +153,4 @@ def result_from_json(document: Any, path: Path) -> ClassResult:
                              choice.min_votes, choice.score),
         postprocess=list(checked.postprocess), oof_dice=checked.oof_dice, member_dice=list(checked.member_dice),
         mean_dice=checked.mean_dice, ambiguous_pixels=checked.ambiguous_pixels, evaluations=checked.evaluations,
-        cv=[dict(fold) for fold in checked.cv])
+        cv=[dict(fold) for fold in checked.cv], level=checked.level)

@@ -16,6 +16,7 @@ from segens.classes import CLASSES, NUM_CLASSES
 from segens.dataset import discover
 from segens.ensemble.combine import check_stores
 from segens.ensemble.evidence import threshold_grid
+from segens.ensemble.evidence_files import batches, extract_batch, load_class, save_batch, valid_batch
 from segens.ensemble.recipe import Recipe, save_recipe
 from segens.ensemble.search import ClassResult, SearchReport, search_class
 from segens.ensemble.search_resume import FinishedClasses, partial_root, search_key
@@ -30,8 +31,8 @@ MAX_GRID_CANDIDATES = 50_000
 """Weight-grid candidates per class a search may score (step 0.1 with 3 members: 66; 0.02 with 4: 23,426)."""
 
 
-def _one_class(stores, records, channel, strategy, step, method, folds_of_images, postprocess) -> ClassResult:
-    return search_class(stores, records, channel, strategy, threshold_grid(), step, method, folds_of_images, postprocess)
+def _one_class(evidence, strategy, step, method, folds_of_images, postprocess, fallback) -> ClassResult:
+    return search_class(evidence, strategy, threshold_grid(), step, method, folds_of_images, postprocess, fallback)
 
 
 def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], settings: dict) -> Recipe:
@@ -45,6 +46,7 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
                     oof_dice={"per_class": {CLASSES[r.channel]: r.oof_dice for r in results},
                               "members": {name: [r.member_dice[m] for r in results] for m, name in enumerate(report.members)},
                               "plain_mean": [r.mean_dice for r in results], "summary": report.summary(),
+                              "levels": {CLASSES[r.channel]: r.level for r in results},
                               "verdict": report.verdict()},
                     search=settings)
     if report.strategy == "hard":
@@ -74,9 +76,11 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                    cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
                    backend: str = "local", scheduler: str | None = None,
                    storage_options: dict | None = None, overwrite: bool = False,
-                   also_written: Sequence[Output] = ()) -> SearchReport:
-    """Search every class, write ``out`` (recipe.json), return the report. Each finished class is kept beside
-    ``out`` until the recipe is written, so a killed search run again with the same inputs resumes.
+                   also_written: Sequence[Output] = (), fallback: bool = True) -> SearchReport:
+    """Search every class, write ``out`` (recipe.json), return the report. The OOF evidence (each store and
+    label file read once) and each finished class are kept beside ``out`` until the recipe is written, so a
+    killed search run again with the same inputs resumes. With ``cv`` and ``fallback``, a class keeps a searched
+    setting only where the held-out folds show it pays (``search.choose_level``).
 
     ``out`` and ``also_written`` (the caller's report files) are checked before any work: an existing file is
     replaced only with ``overwrite``, an input never.
@@ -116,15 +120,20 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         folds_of_images = [folds.fold_of(key) for key in keys]
     started = time.perf_counter()
     settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
+                "fallback": bool(cv and fallback),
                 "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None}
     key = search_key(stores, keys, folds_of_images,
                      {**settings, "strategy": strategy, "root": str(Path(root).resolve())})
     finished = FinishedClasses(out, key, members=len(stores))
     results = list(finished.load().values())
     done = {result.channel for result in results}
-    tasks = (delayed(_one_class)(stores, records, channel, strategy, step, method, folds_of_images, postprocess)
-             for channel in range(NUM_CLASSES) if channel not in done)
-    with parallel_backend(backend, scheduler), progress_bar("class", disable=not progress) as bar:
+    evidence_folder = finished.folder / "evidence"
+    with parallel_backend(backend, scheduler), progress_bar("img", disable=not progress) as bar:
+        if len(done) < NUM_CLASSES:
+            _extract_evidence(stores, records, evidence_folder, backend, jobs, bar)
+        tasks = (delayed(_one_class)(load_class(evidence_folder, channel, len(records), len(stores)), strategy, step,
+                                     method, folds_of_images, postprocess, fallback)
+                 for channel in range(NUM_CLASSES) if channel not in done)
         resumed = f", {len(done)} resumed" if done else ""
         task = bar.add_task(f"search ({strategy}, {len(keys)} images{resumed})", total=NUM_CLASSES, completed=len(done))
         for result in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
@@ -138,6 +147,23 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     finished.clear()
     report.recipe_path = str(out)
     return report
+
+
+def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, bar) -> None:
+    """Every class's evidence of every image into ``folder`` (batches already there and valid are kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    thresholds = threshold_grid()
+    todo = [batch for batch in batches(len(records)) if not valid_batch(folder, batch, len(stores))]
+    task = bar.add_task("evidence (every store and label read once)", total=len(records),
+                        completed=len(records) - sum(len(batch) for batch in todo))
+    jobs_of_batches = (delayed(_extracted)(batch, stores, [records[i] for i in batch], thresholds) for batch in todo)
+    for batch, payload in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(jobs_of_batches):
+        save_batch(folder, batch, payload)
+        bar.update(task, advance=len(batch))
+
+
+def _extracted(batch: range, stores, records, thresholds) -> tuple[range, bytes]:
+    return batch, extract_batch(stores, records, thresholds)
 
 
 def report_rows(report: SearchReport) -> list[dict[str, object]]:
@@ -160,7 +186,9 @@ def report_rows(report: SearchReport) -> list[dict[str, object]]:
             row["threshold"] = round(float(thresholds[choice.threshold]), 4)
         row["postprocess"] = "+".join(result.postprocess) or "-"
         if result.cv:
-            gains = [fold["recipe"] - fold["mean"] for fold in result.cv]
-            row["cv_gain_vs_mean"] = f"{np.mean(gains):+.4f} ± {np.std(gains):.4f}"
+            row["level"] = result.level
+            for column, name in (("recipe", "cv_gain_vs_mean"), ("searched", "cv_gain_searched_vs_mean")):
+                gains = [fold[column] - fold["mean"] for fold in result.cv]
+                row[name] = f"{np.mean(gains):+.4f} ± {np.std(gains):.4f}"
         rows.append(row)
     return rows

@@ -54,10 +54,11 @@ class _Image:
 
 
 def generate(root: str | Path, n_train_patients: int = 20, n_test_patients: int = 5, size: int = 2048,
-             seed: int = 0, progress: bool = False, overwrite: bool = False) -> SynthSummary:
+             seed: int = 0, progress: bool = False, overwrite: bool = False, render: bool = True) -> SynthSummary:
     """Write a synthetic data set under ``root`` (two ``size`` x ``size`` uint8 PNGs per patient, all 29 labels
     each, metadata). Refuses a root that already holds a data set unless ``overwrite`` (which replaces only
-    ``train/``, ``test/`` and ``meta_data.xlsx``)."""
+    ``train/``, ``test/`` and ``meta_data.xlsx``). ``render=False`` writes black placeholder PNGs of the same size
+    (the labels are identical; 0.4 s less per 2048 image) for work that never looks at the pixels."""
     root = Path(root)
     _check_arguments(n_train_patients, n_test_patients, size, seed)
     _clear_root(root, overwrite)
@@ -65,7 +66,7 @@ def generate(root: str | Path, n_train_patients: int = 20, n_test_patients: int 
     patients += [("test", i) for i in range(n_train_patients + 1, n_train_patients + n_test_patients + 1)]
     plan = [image for split, number in patients for image in _plan_patient(split, number, seed)]
     for image in _progress(plan, progress):
-        _write_image(root, image, size)
+        _write_image(root, image, size, render)
     write_metadata(root / "meta_data.xlsx", [_metadata_row(number, seed) for _, number in patients])
     return SynthSummary(root=root, n_train_images=2 * n_train_patients, n_test_images=2 * n_test_patients,
                         n_train_patients=n_train_patients, n_test_patients=n_test_patients, size=size, seed=seed)
@@ -137,12 +138,15 @@ def _metadata_row(number: int, seed: int) -> dict[str, object]:
     return row
 
 
-def _write_image(root: Path, image: _Image, size: int) -> None:
-    """Render one hand and write its PNG and label JSON."""
+def _write_image(root: Path, image: _Image, size: int, render: bool = True) -> None:
+    """Render one hand (or a black placeholder) and write its PNG and label JSON."""
     traits, _ = _patient_traits(int(image.patient[2:]), image.seed[0])
     pose = sample_pose(np.random.default_rng([*image.seed, 0]), image.side, traits)
     hand = build_hand(pose, size)
-    pixels = render_radiograph(hand, np.random.default_rng([*image.seed, 1]))
+    if render:
+        pixels = render_radiograph(hand, np.random.default_rng([*image.seed, 1]))
+    else:
+        pixels = np.zeros((size, size), np.uint8)
     png = root / image.split / "DCM" / image.patient / f"{image.stem}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])

@@ -1,0 +1,101 @@
+"""The OOF evidence of a search on disk: one ``.npz`` per batch of images holding every class's evidence, beside
+the recipe in the search's resume folder, so that each store and label file is read once per search (not once per
+class) and a killed search resumes without reading them again.
+
+Files are written atomically and read with ``allow_pickle=False``; each is checked against the batch it must
+hold (names, dtypes, shapes, index ranges). A file that fails is extracted again: whoever can write there can at
+most make work be redone or scores be wrong, never run code or crash the search with a deep traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segens.atomic import atomic_write_bytes
+from segens.classes import NUM_CLASSES
+from segens.dataset import ImageRecord
+from segens.ensemble.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
+from segens.members.store import ProbabilityStore
+
+STORED = tuple("pixels" if name == "image" else name for name in FIELDS)
+"""What a batch file holds per class: the fields, with each image's pixel count in place of each pixel's image."""
+BATCH_IMAGES = 32
+"""Images per extraction task: small enough that a batch's evidence of 29 classes stays in the tens of MB."""
+
+
+def batches(images: int) -> list[range]:
+    """The image index ranges extracted as one task each."""
+    return [range(start, min(images, start + BATCH_IMAGES)) for start in range(0, images, BATCH_IMAGES)]
+
+
+def batch_path(folder: Path, batch: range) -> Path:
+    return folder / f"batch-{batch.start:06d}-{batch.stop:06d}.npz"
+
+
+def extract_batch(stores: Sequence[ProbabilityStore], records: Sequence[ImageRecord],
+                  thresholds: np.ndarray) -> bytes:
+    """Every class's evidence of ``records`` as the bytes of an uncompressed ``.npz`` (``"<channel>/<field>"``)."""
+    evidence = extract_classes(stores, records, range(NUM_CLASSES), thresholds)
+    arrays = {}
+    for channel, item in evidence.items():
+        for name in STORED:
+            arrays[f"{channel}/{name}"] = (np.bincount(item.image, minlength=item.images).astype(np.int64)
+                                           if name == "pixels" else getattr(item, name))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_batch(folder: Path, batch: range, payload: bytes) -> None:
+    atomic_write_bytes(batch_path(folder, batch), payload)
+
+
+def valid_batch(folder: Path, batch: range, members: int) -> bool:
+    """Whether the batch's file is there and holds every class's evidence of its images."""
+    try:
+        with np.load(batch_path(folder, batch), allow_pickle=False) as archive:
+            for channel in range(NUM_CLASSES):
+                _checked(channel, {name: archive[f"{channel}/{name}"] for name in STORED}, len(batch), members)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
+    return True
+
+
+def load_class(folder: Path, channel: int, images: int, members: int) -> ClassEvidence:
+    """One class's evidence over all images, from the batch files (checked again as read)."""
+    parts = []
+    for batch in batches(images):
+        with np.load(batch_path(folder, batch), allow_pickle=False) as archive:
+            arrays = {name: archive[f"{channel}/{name}"] for name in STORED}
+        parts.append(_checked(channel, arrays, len(batch), members))
+    return concatenate(channel, parts)
+
+
+def _checked(channel: int, arrays: dict[str, np.ndarray], images: int, members: int) -> ClassEvidence:
+    """The evidence of one class of one batch; ValueError if any array does not fit a batch of ``images``."""
+    pixels = arrays["truth"].shape[0] if arrays["truth"].ndim == 1 else -1
+    expected = {"values": (np.uint8, (members, pixels)), "truth": (np.bool_, (pixels,)), "pixels": (np.int64, (images,)),
+                "position": (np.int32, (pixels,)), "fixed_positive": (np.int64, (images,)),
+                "fixed_true_positive": (np.int64, (images,)), "truth_total": (np.int64, (images,)),
+                "boxes": (np.int32, (images, 4)), "bits": (np.uint8, None), "bit_offsets": (np.int64, (images + 1,))}
+    for name, (dtype, shape) in expected.items():
+        array = arrays[name]
+        if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):
+            raise ValueError(f"{name}: {array.dtype} {array.shape}")
+    counts = arrays.pop("pixels")
+    if np.any(counts < 0) or counts.sum() != pixels:
+        raise ValueError("pixel counts")
+    evidence = ClassEvidence(channel, image=np.repeat(np.arange(images, dtype=np.int32), counts), **arrays)
+    image, offsets, boxes = evidence.image, evidence.bit_offsets, evidence.boxes
+    areas = np.where(boxes[:, 0] >= 0, (boxes[:, 1] - boxes[:, 0]).astype(np.int64) * (boxes[:, 3] - boxes[:, 2]), 0)
+    if offsets[0] != 0 or offsets[-1] != evidence.bits.size \
+            or np.any(np.diff(offsets) != 2 * ((areas + 7) // 8)) \
+            or np.any((boxes[:, 0] >= 0) & ((boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2]))) \
+            or (pixels and (evidence.position.min() < 0 or np.any(evidence.position >= areas[image]))):
+        raise ValueError("indices out of range")
+    return evidence
