@@ -37,14 +37,17 @@ def threshold_grid(low: float = THRESHOLDS[0], high: float = THRESHOLDS[-1]) -> 
 
 @dataclass
 class ClassEvidence:
-    """One class's OOF evidence: fixed pixels counted per image, ambiguous pixels kept with their truth, and per
-    image what rebuilds any candidate's mask in the class's union box (for post-processing)."""
+    """One class's OOF evidence: fixed pixels counted per image; ambiguous pixels as the distinct (member values,
+    truth) rows of each image with their pixel counts (candidates are scored per row: a pixel's fate depends on
+    nothing else); and per image what rebuilds any candidate's mask in the class's union box (post-processing)."""
 
     channel: int
-    values: np.ndarray  # (M, N) uint8: each member's values at the ambiguous pixels, grouped by image in order
-    truth: np.ndarray  # (N,) bool: ground truth at those pixels
-    image: np.ndarray  # (N,) int32: which image each pixel belongs to
-    position: np.ndarray  # (N,) int32: the pixel's flat index in its image's box
+    values: np.ndarray  # (M, R) uint8: each member's value of each distinct row, rows grouped by image in order
+    truth: np.ndarray  # (R,) bool: the row's ground truth
+    count: np.ndarray  # (R,) int64: ambiguous pixels of the row's image with exactly these values and truth
+    image: np.ndarray  # (R,) int32: which image each row belongs to
+    position: np.ndarray  # (N,) int32: each ambiguous pixel's flat index in its image's box, grouped by image
+    row: np.ndarray  # (N,) int32: each ambiguous pixel's row
     fixed_positive: np.ndarray  # (images,) int64: pixels positive for every candidate
     fixed_true_positive: np.ndarray  # (images,) int64: of those, in the ground truth
     truth_total: np.ndarray  # (images,) int64: ground-truth pixels of the class in each image
@@ -59,6 +62,10 @@ class ClassEvidence:
     @property
     def members(self) -> int:
         return self.values.shape[0]
+
+    @property
+    def ambiguous_pixels(self) -> int:
+        return int(self.position.size)
 
     def box_masks(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(always positive, truth) bool masks of image ``index`` inside its box."""
@@ -75,20 +82,23 @@ class ClassEvidence:
         return {name: np.asarray(getattr(self, name)) for name in FIELDS}
 
 
-FIELDS = ("values", "truth", "image", "position", "fixed_positive", "fixed_true_positive", "truth_total", "boxes",
-          "bits", "bit_offsets")
+FIELDS = ("values", "truth", "count", "image", "position", "row", "fixed_positive", "fixed_true_positive",
+          "truth_total", "boxes", "bits", "bit_offsets")
 
 
 def concatenate(channel: int, parts: Sequence[ClassEvidence]) -> ClassEvidence:
-    """The evidence of consecutive image batches as one (image indices and bit offsets shifted)."""
+    """The evidence of consecutive image batches as one (image indices, rows and bit offsets shifted)."""
     image_base = np.cumsum([0] + [part.images for part in parts])
+    row_base = np.cumsum([0] + [part.truth.size for part in parts])
     bit_base = np.cumsum([0] + [part.bits.size for part in parts])
     return ClassEvidence(
         channel,
         np.concatenate([part.values for part in parts], axis=1),
         np.concatenate([part.truth for part in parts]),
+        np.concatenate([part.count for part in parts]),
         np.concatenate([part.image + np.int32(base) for part, base in zip(parts, image_base)]).astype(np.int32),
         np.concatenate([part.position for part in parts]),
+        np.concatenate([part.row + np.int32(base) for part, base in zip(parts, row_base)]).astype(np.int32),
         np.concatenate([part.fixed_positive for part in parts]),
         np.concatenate([part.fixed_true_positive for part in parts]),
         np.concatenate([part.truth_total for part in parts]),
@@ -96,6 +106,23 @@ def concatenate(channel: int, parts: Sequence[ClassEvidence]) -> ClassEvidence:
         np.concatenate([part.bits for part in parts]),
         np.concatenate([[0]] + [part.bit_offsets[1:] + base for part, base in zip(parts, bit_base)]).astype(np.int64),
     )
+
+
+def distinct_rows(values: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (member values, truth) columns of (M, N) uint8 ``values`` and (N,) bool ``truth``: their values
+    (M, R), truth (R,), counts (R,) int64, and each input column's row (N,) int32."""
+    members = values.shape[0]
+    if members <= 7:  # one uint64 key per pixel: a fast sort
+        key = truth.astype(np.uint64) << np.uint64(8 * members)
+        for member in range(members):
+            key |= values[member].astype(np.uint64) << np.uint64(8 * member)
+        keys, row, count = np.unique(key, return_inverse=True, return_counts=True)
+        rows = np.stack([(keys >> np.uint64(8 * member)).astype(np.uint8) for member in range(members)])
+        return rows, (keys >> np.uint64(8 * members)).astype(bool), count.astype(np.int64), row.astype(np.int32)
+    stacked = np.concatenate([values, truth[None].view(np.uint8)]).T
+    unique, row, count = np.unique(stacked, axis=0, return_inverse=True, return_counts=True)
+    return (np.ascontiguousarray(unique[:, :members].T), unique[:, members].astype(bool), count.astype(np.int64),
+            row.reshape(-1).astype(np.int32))
 
 
 def class_truth(record: ImageRecord, channel: int, size: tuple[int, int]) -> np.ndarray:
@@ -117,8 +144,10 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
     low = float(thresholds.min()) * 255 - SAFETY
     high = float(thresholds.max()) * 255 + SAFETY
     members, count = len(stores), len(records)
-    pieces: dict[int, dict[str, list]] = {channel: {name: [] for name in ("values", "truth", "image", "position",
-                                                                           "bits")} for channel in channels}
+    pieces: dict[int, dict[str, list]] = {channel: {name: [] for name in ("values", "truth", "count", "image",
+                                                                           "position", "row", "bits")}
+                                           for channel in channels}
+    rows_so_far = {channel: 0 for channel in channels}
     counts = {channel: np.zeros((3, count), np.int64) for channel in channels}  # fixed +, fixed true +, truth
     boxes = {channel: np.full((count, 4), -1, np.int32) for channel in channels}
     for index, record in enumerate(records):
@@ -144,10 +173,15 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
             counts[channel][0, index] = np.count_nonzero(always)
             counts[channel][1, index] = np.count_nonzero(always & region_truth)
             position = np.flatnonzero(ambiguous).astype(np.int32)
-            piece["values"].append(np.stack([region.ravel()[position] for region in regions]))
-            piece["truth"].append(region_truth.ravel()[position])
-            piece["image"].append(np.full(position.size, index, np.int32))
+            values, row_truth, row_count, row = distinct_rows(np.stack([region.ravel()[position] for region in regions]),
+                                                              region_truth.ravel()[position])
+            piece["values"].append(values)
+            piece["truth"].append(row_truth)
+            piece["count"].append(row_count)
+            piece["image"].append(np.full(row_count.size, index, np.int32))
             piece["position"].append(position)
+            piece["row"].append(row + np.int32(rows_so_far[channel]))
+            rows_so_far[channel] += row_count.size
             piece["bits"].append(np.concatenate([np.packbits(always), np.packbits(region_truth)]))
     result = {}
     for channel in channels:
@@ -158,8 +192,10 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
             channel,
             np.concatenate(piece["values"], axis=1) if piece["values"] else np.zeros((members, 0), np.uint8),
             np.concatenate(piece["truth"]) if piece["truth"] else np.zeros(0, bool),
+            np.concatenate(piece["count"]) if piece["count"] else np.zeros(0, np.int64),
             np.concatenate(piece["image"]) if piece["image"] else np.zeros(0, np.int32),
             np.concatenate(piece["position"]) if piece["position"] else np.zeros(0, np.int32),
+            np.concatenate(piece["row"]) if piece["row"] else np.zeros(0, np.int32),
             counts[channel][0], counts[channel][1], counts[channel][2], boxes[channel],
             np.concatenate(piece["bits"]) if piece["bits"] else np.zeros(0, np.uint8), offsets,
         )
@@ -173,7 +209,7 @@ def extract_class(stores: Sequence[ProbabilityStore], records: Sequence[ImageRec
 
 
 def weighted_kept(evidence: ClassEvidence, weights: np.ndarray, threshold: np.float32) -> np.ndarray:
-    """(N,) bool: the ambiguous pixels kept by float32 ``weights`` at ``threshold``, summed as combine sums."""
+    """(R,) bool: the rows kept by float32 ``weights`` at ``threshold``, summed as combine sums."""
     total = np.zeros(evidence.truth.size, np.float32)
     for member in range(evidence.members):
         total += weights[member] * (evidence.values[member].astype(np.float32) / np.float32(255))
@@ -181,8 +217,8 @@ def weighted_kept(evidence: ClassEvidence, weights: np.ndarray, threshold: np.fl
 
 
 def hard_kept(evidence: ClassEvidence, member_thresholds: np.ndarray, min_votes: float) -> np.ndarray:
-    """(N,) bool: the ambiguous pixels with at least ``min_votes`` unit votes (a member votes when p > its
-    float32 threshold), as combine counts them."""
+    """(R,) bool: the rows with at least ``min_votes`` unit votes (a member votes when p > its float32
+    threshold), as combine counts them."""
     votes = np.zeros(evidence.truth.size, np.float64)
     for member in range(evidence.members):
         votes += evidence.values[member].astype(np.float32) / np.float32(255) > member_thresholds[member]
@@ -190,9 +226,10 @@ def hard_kept(evidence: ClassEvidence, member_thresholds: np.ndarray, min_votes:
 
 
 def image_masks(evidence: ClassEvidence, kept: np.ndarray):
-    """Per image: (box mask of a candidate whose ambiguous pixels ``kept`` says, truth in the box) or None for
-    an image without a box; the mask equals what combine makes before post-processing."""
-    starts = _pixel_starts(evidence)
+    """Per image: (box mask of a candidate whose rows ``kept`` says, truth in the box) or None for an image
+    without a box; the mask equals what combine makes before post-processing."""
+    kept_pixels = kept[evidence.row]
+    starts = np.searchsorted(evidence.image[evidence.row], np.arange(evidence.images + 1))
     for index in range(evidence.images):
         if evidence.boxes[index, 0] < 0:
             yield None
@@ -200,7 +237,7 @@ def image_masks(evidence: ClassEvidence, kept: np.ndarray):
         always, truth = evidence.box_masks(index)
         mask = always.copy()
         chosen = slice(starts[index], starts[index + 1])
-        mask.ravel()[evidence.position[chosen][kept[chosen]]] = True
+        mask.ravel()[evidence.position[chosen][kept_pixels[chosen]]] = True
         yield mask, truth
 
 
@@ -208,15 +245,15 @@ LEVELS_OF_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)  # p of ea
 BUCKETS = 4096  # of s in [0, 1], for finding a pixel's place among the thresholds without a binary search
 
 
-def _pixel_starts(evidence: ClassEvidence) -> np.ndarray:
-    """(images + 1,) int64: where each image's ambiguous pixels start (they are grouped by image, in order)."""
+def _row_starts(evidence: ClassEvidence) -> np.ndarray:
+    """(images + 1,) int64: where each image's rows start (they are grouped by image, in order)."""
     if getattr(evidence, "_starts", None) is None:
         evidence._starts = np.searchsorted(evidence.image, np.arange(evidence.images + 1)).astype(np.int64)
     return evidence._starts
 
 
 @numba.njit(cache=True, nogil=True)
-def _weighted_histograms(values, truth, starts, products, thresholds, lookup):  # pragma: no cover - compiled
+def _weighted_histograms(values, truth, count, starts, products, thresholds, lookup):  # pragma: no cover
     """Per image, how many ambiguous pixels (and truth pixels) have exactly j thresholds below their s, where
     s = sum over members, in order, of products[m, v] (float32 weight x v / 255, as combine computes it).
     ``thresholds`` ends with one +inf; ``lookup[b]`` counts the thresholds below b / (lookup.size - 1), whose
@@ -236,8 +273,8 @@ def _weighted_histograms(values, truth, starts, products, thresholds, lookup):  
             s = total[pixel]
             below = lookup[min(max(int(s * scale) - 1, 0), lookup.size - 1)]  # every threshold it counts is below s
             below += thresholds[below] < s  # at most one more does
-            positives[index, below] += 1
-            true_positives[index, below] += truth[pixel]
+            positives[index, below] += count[pixel]
+            true_positives[index, below] += count[pixel] * truth[pixel]
     return positives, true_positives
 
 
@@ -254,13 +291,13 @@ def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.n
         raise ValueError("thresholds must be sorted and further apart than 2 / BUCKETS")
     lookup = np.searchsorted(thresholds.astype(np.float64), np.arange(BUCKETS + 1) / BUCKETS, side="left")
     padded = np.concatenate([thresholds.astype(np.float32), [np.float32(np.inf)]])
-    positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8),
-                                                     _pixel_starts(evidence), products, padded, lookup.astype(np.int64))
+    positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
+                                                     _row_starts(evidence), products, padded, lookup.astype(np.int64))
     return _dice_of(evidence, positives, true_positives)
 
 
 @numba.njit(cache=True, nogil=True)
-def _hard_histograms(values, truth, starts, votes_of, swept, below_of, levels, min_votes):  # pragma: no cover
+def _hard_histograms(values, truth, count, starts, votes_of, swept, below_of, levels, min_votes):  # pragma: no cover
     """Hard voting with member ``swept``'s threshold swept and the others fixed: per image, pixels (and truth
     pixels) kept for exactly the first j thresholds, as histograms over j. votes_of[m, v]: member m votes for
     value v at its threshold; below_of[v]: how many swept thresholds lie below v / 255."""
@@ -282,8 +319,8 @@ def _hard_histograms(values, truth, starts, votes_of, swept, below_of, levels, m
                 kept_for = below_of[swept_values[pixel]]  # the swept member votes at threshold k iff k < this
             else:
                 kept_for = 0
-            positives[index, kept_for] += 1
-            true_positives[index, kept_for] += truth[pixel]
+            positives[index, kept_for] += count[pixel]
+            true_positives[index, kept_for] += count[pixel] * truth[pixel]
     return positives, true_positives
 
 
@@ -293,8 +330,8 @@ def hard_dice(evidence: ClassEvidence, member_thresholds: np.ndarray, swept: int
     ``swept``, the other members at ``member_thresholds``."""
     votes_of = (LEVELS_OF_VALUES[None, :] > member_thresholds.astype(np.float32)[:, None]).view(np.uint8)
     below_of = np.searchsorted(thresholds, LEVELS_OF_VALUES, side="left").astype(np.int64)  # thresholds < p
-    positives, true_positives = _hard_histograms(evidence.values, evidence.truth.view(np.uint8),
-                                                 _pixel_starts(evidence), votes_of,
+    positives, true_positives = _hard_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
+                                                 _row_starts(evidence), votes_of,
                                                  swept, below_of, thresholds.size, min_votes)
     return _dice_of(evidence, positives, true_positives)
 

@@ -22,8 +22,8 @@ from segens.dataset import ImageRecord
 from segens.ensemble.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
 from segens.members.store import ProbabilityStore
 
-STORED = tuple("pixels" if name == "image" else name for name in FIELDS)
-"""What a batch file holds per class: the fields, with each image's pixel count in place of each pixel's image."""
+STORED = tuple("rows_of_image" if name == "image" else name for name in FIELDS)
+"""What a batch file holds per class: the fields, with each image's row count in place of each row's image."""
 BATCH_IMAGES = 32
 """Images per extraction task: small enough that a batch's evidence of 29 classes stays in the tens of MB."""
 
@@ -45,7 +45,7 @@ def extract_batch(stores: Sequence[ProbabilityStore], records: Sequence[ImageRec
     for channel, item in evidence.items():
         for name in STORED:
             arrays[f"{channel}/{name}"] = (np.bincount(item.image, minlength=item.images).astype(np.int64)
-                                           if name == "pixels" else getattr(item, name))
+                                           if name == "rows_of_image" else getattr(item, name))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -78,24 +78,32 @@ def load_class(folder: Path, channel: int, images: int, members: int) -> ClassEv
 
 def _checked(channel: int, arrays: dict[str, np.ndarray], images: int, members: int) -> ClassEvidence:
     """The evidence of one class of one batch; ValueError if any array does not fit a batch of ``images``."""
-    pixels = arrays["truth"].shape[0] if arrays["truth"].ndim == 1 else -1
-    expected = {"values": (np.uint8, (members, pixels)), "truth": (np.bool_, (pixels,)), "pixels": (np.int64, (images,)),
-                "position": (np.int32, (pixels,)), "fixed_positive": (np.int64, (images,)),
-                "fixed_true_positive": (np.int64, (images,)), "truth_total": (np.int64, (images,)),
-                "boxes": (np.int32, (images, 4)), "bits": (np.uint8, None), "bit_offsets": (np.int64, (images + 1,))}
+    rows = arrays["truth"].shape[0] if arrays["truth"].ndim == 1 else -1
+    pixels = arrays["position"].shape[0] if arrays["position"].ndim == 1 else -1
+    expected = {"values": (np.uint8, (members, rows)), "truth": (np.bool_, (rows,)), "count": (np.int64, (rows,)),
+                "rows_of_image": (np.int64, (images,)), "position": (np.int32, (pixels,)), "row": (np.int32, (pixels,)),
+                "fixed_positive": (np.int64, (images,)), "fixed_true_positive": (np.int64, (images,)),
+                "truth_total": (np.int64, (images,)), "boxes": (np.int32, (images, 4)), "bits": (np.uint8, None),
+                "bit_offsets": (np.int64, (images + 1,))}
     for name, (dtype, shape) in expected.items():
         array = arrays[name]
         if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):
             raise ValueError(f"{name}: {array.dtype} {array.shape}")
-    counts = arrays.pop("pixels")
-    if np.any(counts < 0) or counts.sum() != pixels:
-        raise ValueError("pixel counts")
-    evidence = ClassEvidence(channel, image=np.repeat(np.arange(images, dtype=np.int32), counts), **arrays)
-    image, offsets, boxes = evidence.image, evidence.bit_offsets, evidence.boxes
+    rows_of_image = arrays.pop("rows_of_image")
+    if np.any(rows_of_image < 0) or rows_of_image.sum() != rows:
+        raise ValueError("row counts")
+    evidence = ClassEvidence(channel, image=np.repeat(np.arange(images, dtype=np.int32), rows_of_image), **arrays)
+    offsets, boxes, row = evidence.bit_offsets, evidence.boxes, evidence.row
     areas = np.where(boxes[:, 0] >= 0, (boxes[:, 1] - boxes[:, 0]).astype(np.int64) * (boxes[:, 3] - boxes[:, 2]), 0)
     if offsets[0] != 0 or offsets[-1] != evidence.bits.size \
             or np.any(np.diff(offsets) != 2 * ((areas + 7) // 8)) \
-            or np.any((boxes[:, 0] >= 0) & ((boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2]))) \
-            or (pixels and (evidence.position.min() < 0 or np.any(evidence.position >= areas[image]))):
-        raise ValueError("indices out of range")
+            or np.any((boxes[:, 0] >= 0) & ((boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2]))):
+        raise ValueError("boxes or bits out of range")
+    if pixels and (row.min() < 0 or row.max() >= rows):
+        raise ValueError("rows out of range")
+    if np.any(np.bincount(row, minlength=rows) != evidence.count):
+        raise ValueError("row counts")
+    if pixels and (np.any(np.diff(evidence.image[row]) < 0) or evidence.position.min() < 0
+                   or np.any(evidence.position >= areas[evidence.image[row]])):
+        raise ValueError("positions out of range")
     return evidence

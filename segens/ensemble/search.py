@@ -338,7 +338,7 @@ def search_class(evidence: ClassEvidence, strategy: str, thresholds: np.ndarray,
     else:
         (choice, per_image), steps = simple[level][0], []
     return ClassResult(evidence.channel, choice, steps, float(per_image.mean()), singles[:, 0].tolist(),
-                       float(equal[0]), int(evidence.truth.size), evaluations, cv, level)
+                       float(equal[0]), evidence.ambiguous_pixels, evaluations, cv, level)
 
 
 def _per_image(evidence: ClassEvidence, choice: Choice, strategy: str, thresholds: np.ndarray) -> np.ndarray:
