@@ -9,14 +9,14 @@ most make work be redone or scores be wrong, never run code or crash the search 
 
 from __future__ import annotations
 
-import io
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from segens.atomic import atomic_write_bytes
+from segens.atomic import atomic_write
 from segens.classes import NUM_CLASSES
 from segens.dataset import ImageRecord
 from segens.ensemble.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
@@ -38,21 +38,34 @@ def batch_path(folder: Path, batch: range) -> Path:
 
 
 def extract_batch(stores: Sequence[ProbabilityStore], records: Sequence[ImageRecord],
-                  thresholds: np.ndarray) -> bytes:
-    """Every class's evidence of ``records`` as the bytes of an uncompressed ``.npz`` (``"<channel>/<field>"``)."""
+                  thresholds: np.ndarray) -> dict[str, np.ndarray]:
+    """Every class's evidence of ``records`` as the named arrays of a batch file (``"<channel>/<field>"``)."""
     evidence = extract_classes(stores, records, range(NUM_CLASSES), thresholds)
     arrays = {}
     for channel, item in evidence.items():
         for name in STORED:
             arrays[f"{channel}/{name}"] = (np.bincount(item.image, minlength=item.images).astype(np.int64)
                                            if name == "rows_of_image" else getattr(item, name))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return arrays
 
 
-def save_batch(folder: Path, batch: range, payload: bytes) -> None:
-    atomic_write_bytes(batch_path(folder, batch), payload)
+def save_batch(folder: Path, batch: range, arrays: dict[str, np.ndarray]) -> None:
+    """Write a batch file atomically (uncompressed .npz, no pickled objects)."""
+    with atomic_write(batch_path(folder, batch), "wb") as handle:
+        np.savez(handle, allow_pickle=False, **arrays)
+
+
+@dataclass(frozen=True)
+class ClassOnDisk:
+    """Where one class's evidence lies: what a local worker needs to load it itself (the client then holds none)."""
+
+    folder: Path
+    channel: int
+    images: int
+    members: int
+
+    def load(self) -> ClassEvidence:
+        return load_class(self.folder, self.channel, self.images, self.members)
 
 
 def valid_batch(folder: Path, batch: range, members: int) -> bool:

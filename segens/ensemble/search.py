@@ -218,15 +218,15 @@ def search_hard(evidence: ClassEvidence, subsets: Subsets, thresholds: np.ndarra
 
 
 def choice_kept(evidence: ClassEvidence, choice: Choice, strategy: str, thresholds: np.ndarray) -> np.ndarray:
-    """(N,) bool: the ambiguous pixels a choice keeps, computed as combine computes them."""
+    """(R,) bool: the evidence rows a choice keeps, computed as combine computes them."""
     if strategy == "hard":
         return hard_kept(evidence, thresholds[choice.member_thresholds], float(choice.min_votes))
     return weighted_kept(evidence, normalise_weights(choice.weights), thresholds[choice.threshold])
 
 
 def variant_dice(evidence: ClassEvidence, kept_list: Sequence[np.ndarray]) -> np.ndarray:
-    """(candidates, variants, images) Dice of each post-processing variant of each candidate (its kept ambiguous
-    pixels), on masks rebuilt from the evidence exactly as combine makes them."""
+    """(candidates, variants, images) Dice of each post-processing variant of each candidate (its kept rows), on
+    masks rebuilt from the evidence exactly as combine makes them."""
     result = np.zeros((len(kept_list), len(VARIANTS), evidence.images))
     empty = dice_from_counts(0, 0, evidence.truth_total)  # images without any member value
     for s, kept in enumerate(kept_list):

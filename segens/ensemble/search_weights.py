@@ -15,8 +15,8 @@ from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, 
 from segens.classes import CLASSES, NUM_CLASSES
 from segens.dataset import discover
 from segens.ensemble.combine import check_stores
-from segens.ensemble.evidence import threshold_grid
-from segens.ensemble.evidence_files import batches, extract_batch, load_class, save_batch, valid_batch
+from segens.ensemble.evidence import ClassEvidence, threshold_grid
+from segens.ensemble.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
 from segens.ensemble.recipe import Recipe, save_recipe
 from segens.ensemble.search import ClassResult, SearchReport, search_class
 from segens.ensemble.search_resume import FinishedClasses, partial_root, search_key
@@ -31,7 +31,9 @@ MAX_GRID_CANDIDATES = 50_000
 """Weight-grid candidates per class a search may score (step 0.1 with 3 members: 66; 0.02 with 4: 23,426)."""
 
 
-def _one_class(evidence, strategy, step, method, folds_of_images, postprocess, fallback) -> ClassResult:
+def _one_class(source: ClassEvidence | ClassOnDisk, strategy, step, method, folds_of_images, postprocess,
+               fallback) -> ClassResult:
+    evidence = source.load() if isinstance(source, ClassOnDisk) else source
     return search_class(evidence, strategy, threshold_grid(), step, method, folds_of_images, postprocess, fallback)
 
 
@@ -131,9 +133,11 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     with parallel_backend(backend, scheduler), progress_bar("img", disable=not progress) as bar:
         if len(done) < NUM_CLASSES:
             _extract_evidence(stores, records, evidence_folder, backend, jobs, bar)
-        tasks = (delayed(_one_class)(load_class(evidence_folder, channel, len(records), len(stores)), strategy, step,
-                                     method, folds_of_images, postprocess, fallback)
-                 for channel in range(NUM_CLASSES) if channel not in done)
+        # local workers load their class themselves; Dask workers (other machines) are sent it
+        sources = (ClassOnDisk(evidence_folder, channel, len(records), len(stores)) for channel in range(NUM_CLASSES)
+                   if channel not in done)
+        tasks = (delayed(_one_class)(source if backend == "local" else source.load(), strategy, step, method,
+                                     folds_of_images, postprocess, fallback) for source in sources)
         resumed = f", {len(done)} resumed" if done else ""
         task = bar.add_task(f"search ({strategy}, {len(keys)} images{resumed})", total=NUM_CLASSES, completed=len(done))
         for result in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
@@ -156,14 +160,22 @@ def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, ba
     todo = [batch for batch in batches(len(records)) if not valid_batch(folder, batch, len(stores))]
     task = bar.add_task("evidence (every store and label read once)", total=len(records),
                         completed=len(records) - sum(len(batch) for batch in todo))
-    jobs_of_batches = (delayed(_extracted)(batch, stores, [records[i] for i in batch], thresholds) for batch in todo)
-    for batch, payload in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(jobs_of_batches):
-        save_batch(folder, batch, payload)
+    here = folder if backend == "local" else None  # local workers write their batch; Dask workers return it
+    jobs_of_batches = (delayed(_extracted)(batch, stores, [records[i] for i in batch], thresholds, here)
+                       for batch in todo)
+    for batch, arrays in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(jobs_of_batches):
+        if arrays is not None:
+            save_batch(folder, batch, arrays)
         bar.update(task, advance=len(batch))
 
 
-def _extracted(batch: range, stores, records, thresholds) -> tuple[range, bytes]:
-    return batch, extract_batch(stores, records, thresholds)
+def _extracted(batch: range, stores, records, thresholds, folder: Path | None) -> tuple[range, dict | None]:
+    """Extract one batch; saved into ``folder`` by the worker when given, else returned."""
+    arrays = extract_batch(stores, records, thresholds)
+    if folder is None:
+        return batch, arrays
+    save_batch(folder, batch, arrays)
+    return batch, None
 
 
 def report_rows(report: SearchReport) -> list[dict[str, object]]:
