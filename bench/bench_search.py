@@ -202,7 +202,7 @@ def compare_class(data: BenchData, stores: Sequence, channel: int, candidates: n
         brute_times.append(read_seconds + float(np.mean(per_candidate)) * len(candidates))
     size = data.size * data.size * len(data.records)
     return ClassTiming(CLASSES[channel], median(ours_times), median(extract_times), median(brute_times),
-                       median(measured), len(subset), len(candidates), evidence.truth.size / size, best)
+                       median(measured), len(subset), len(candidates), evidence.ambiguous_pixels / size, best)
 
 
 def run(workdir: Path = DEFAULT_WORKDIR, images: int = 10, classes: Sequence[str] = DEFAULT_CLASSES,

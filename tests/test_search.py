@@ -505,3 +505,18 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
     assert choose_level({"plain": plain, "threshold": plain + noisy, "searched": plain - 0.001}) == "plain"
     assert choose_level({"plain": plain, "threshold": plain + 0.001, "searched": plain + 0.001}) == "threshold"
     assert choose_level({"plain": plain, "searched": plain}) == "plain"  # a tie keeps the simpler rule
+
+
+@pytest.mark.parametrize("members", [1, 5, 9])
+def test_distinct_rows_rebuild_every_pixel(members: int) -> None:
+    """Each pixel's (values, truth) is its row's; counts add up; both key paths (up to 7 members, and more)."""
+    from segens.ensemble.evidence import distinct_rows
+
+    rng = np.random.default_rng(members)
+    values = rng.choice(np.array([0, 1, 128, 254, 255], np.uint8), size=(members, 5000))
+    truth = rng.random(5000) < 0.5
+    rows, row_truth, count, row = distinct_rows(values, truth)
+    np.testing.assert_array_equal(rows[:, row], values)
+    np.testing.assert_array_equal(row_truth[row], truth)
+    np.testing.assert_array_equal(np.bincount(row, minlength=count.size), count)
+    assert len({(*rows[:, i], row_truth[i]) for i in range(count.size)}) == count.size

@@ -77,10 +77,6 @@ class ClassEvidence:
         return (np.unpackbits(packed[:half], count=area).view(bool).reshape(shape),
                 np.unpackbits(packed[half:], count=area).view(bool).reshape(shape))
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The fields as named arrays (for np.savez)."""
-        return {name: np.asarray(getattr(self, name)) for name in FIELDS}
-
 
 FIELDS = ("values", "truth", "count", "image", "position", "row", "fixed_positive", "fixed_true_positive",
           "truth_total", "boxes", "bits", "bit_offsets")
