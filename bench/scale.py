@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -135,8 +137,6 @@ def quality_rows(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict
 
 
 def spread(values: list[float]) -> str:
-    import numpy as np
-
     return f"{np.mean(values):.5f} ± {np.std(values):.5f}" if len(values) > 1 else f"{values[0]:.5f}"
 
 

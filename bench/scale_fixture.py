@@ -33,9 +33,8 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import ImageRecord, discover, image_size
+from segens.dataset import discover, read_record_mask
 from segens.folds.splits import make_folds, save_folds
-from segens.labels import check_points_inside, parse_label_json, rasterize
 from segens.members.store import create_store, open_store
 from segens.synth import generate
 
@@ -215,20 +214,13 @@ def _smooth(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np
     return cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
 
 
-def _truth(record: ImageRecord) -> np.ndarray:
-    size = image_size(record.image_path)
-    polygons = parse_label_json(record.label_path)
-    check_points_inside(record.label_path, polygons, *size)
-    return rasterize(polygons, *size)
-
-
 def _write_batch(stores, records, indices, errors: ErrorModel, split: str, fold_of: dict[str, int]) -> float:
     """Write the images ``indices`` of every member; returns the seconds spent in ``write_image``."""
     spent = 0.0
     buffer = None
     for index in indices:
         record = records[index]
-        truth = _truth(record)
+        truth = read_record_mask(record)
         if buffer is None:
             buffer = np.zeros(truth.shape, np.uint8)
         split_code = 0 if split == "oof" else 1

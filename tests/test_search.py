@@ -520,3 +520,36 @@ def test_distinct_rows_rebuild_every_pixel(members: int) -> None:
     np.testing.assert_array_equal(row_truth[row], truth)
     np.testing.assert_array_equal(np.bincount(row, minlength=count.size), count)
     assert len({(*rows[:, i], row_truth[i]) for i in range(count.size)}) == count.size
+
+
+def test_damaged_evidence_batches_are_extracted_again(project: Path, tmp_path: Path) -> None:
+    """A batch file that is cut short, holds a pickled object, or whose arrays do not fit its batch (a position
+    outside its box, a row out of range, counts that do not add up, another member count) is not valid: the
+    search extracts it again instead of scoring from it or failing deep inside."""
+    from segens.ensemble.evidence_files import batch_path, batches, extract_batch, save_batch, valid_batch
+
+    stores = stores_of(project)[:2]
+    records = discover(project / "data", "train").records
+    (batch,) = batches(len(records))
+    folder = tmp_path / "evidence"
+    good = extract_batch(stores, records, THRESHOLDS)
+    save_batch(folder, batch, good)
+    assert valid_batch(folder, batch, 2)
+    assert not valid_batch(folder, batch, 3)  # a search of three members
+    path = batch_path(folder, batch)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert not valid_batch(folder, batch, 2)
+
+    def changed(name: str, value) -> dict:
+        return {**good, name: value}
+
+    boxes = good["21/boxes"]
+    area = int(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).max())
+    assert good["21/position"].size > 0
+    for arrays in (changed("21/position", good["21/position"] + np.int32(area)),
+                   changed("21/row", good["21/row"] + np.int32(good["21/truth"].size)),
+                   changed("21/count", good["21/count"] + 1),
+                   changed("21/values", np.array([object()], dtype=object))):
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        assert not valid_batch(folder, batch, 2)

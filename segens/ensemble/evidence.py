@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from segens.dataset import ImageRecord
 from segens.dice import dice_from_counts
 from segens.ensemble.combine import union_box
-from segens.labels import check_points_inside, parse_label_json, rasterize
+from segens.labels import read_label_mask
 from segens.members.store import ProbabilityStore
 
 THRESHOLDS = (np.arange(255, dtype=np.float64) + 0.5) / 255  # midpoints between quantization levels; 0.5 is one
@@ -66,6 +67,11 @@ class ClassEvidence:
     @property
     def ambiguous_pixels(self) -> int:
         return int(self.position.size)
+
+    @cached_property
+    def row_starts(self) -> np.ndarray:
+        """(images + 1,) int64: where each image's rows start (they are grouped by image, in order)."""
+        return np.searchsorted(self.image, np.arange(self.images + 1)).astype(np.int64)
 
     def box_masks(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(always positive, truth) bool masks of image ``index`` inside its box."""
@@ -128,9 +134,7 @@ def class_truth(record: ImageRecord, channel: int, size: tuple[int, int]) -> np.
 
 def image_truth(record: ImageRecord, size: tuple[int, int]) -> np.ndarray:
     """The (29, H, W) bool ground truth of one image (its label file parsed and checked once)."""
-    polygons = parse_label_json(record.label_path)
-    check_points_inside(record.label_path, polygons, *size)
-    return rasterize(polygons, *size)
+    return read_label_mask(record.label_path, *size)
 
 
 def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageRecord], channels: Sequence[int],
@@ -241,13 +245,6 @@ LEVELS_OF_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)  # p of ea
 BUCKETS = 4096  # of s in [0, 1], for finding a pixel's place among the thresholds without a binary search
 
 
-def _row_starts(evidence: ClassEvidence) -> np.ndarray:
-    """(images + 1,) int64: where each image's rows start (they are grouped by image, in order)."""
-    if getattr(evidence, "_starts", None) is None:
-        evidence._starts = np.searchsorted(evidence.image, np.arange(evidence.images + 1)).astype(np.int64)
-    return evidence._starts
-
-
 @numba.njit(cache=True, nogil=True)
 def _weighted_histograms(values, truth, count, starts, products, thresholds, lookup):  # pragma: no cover
     """Per image, how many ambiguous pixels (and truth pixels) have exactly j thresholds below their s, where
@@ -288,7 +285,7 @@ def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.n
     lookup = np.searchsorted(thresholds.astype(np.float64), np.arange(BUCKETS + 1) / BUCKETS, side="left")
     padded = np.concatenate([thresholds.astype(np.float32), [np.float32(np.inf)]])
     positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
-                                                     _row_starts(evidence), products, padded, lookup.astype(np.int64))
+                                                     evidence.row_starts, products, padded, lookup.astype(np.int64))
     return _dice_of(evidence, positives, true_positives)
 
 
@@ -327,7 +324,7 @@ def hard_dice(evidence: ClassEvidence, member_thresholds: np.ndarray, swept: int
     votes_of = (LEVELS_OF_VALUES[None, :] > member_thresholds.astype(np.float32)[:, None]).view(np.uint8)
     below_of = np.searchsorted(thresholds, LEVELS_OF_VALUES, side="left").astype(np.int64)  # thresholds < p
     positives, true_positives = _hard_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
-                                                 _row_starts(evidence), votes_of,
+                                                 evidence.row_starts, votes_of,
                                                  swept, below_of, thresholds.size, min_votes)
     return _dice_of(evidence, positives, true_positives)
 
