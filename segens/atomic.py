@@ -1,28 +1,37 @@
 """Atomic file writes: a killed process never leaves a half-written file under the final name.
 
-The data goes to ``.<name>.<pid>.<random>.part`` beside the target and is renamed over it once complete. A new
-file gets the mode the umask gives (``0o666 & ~umask``), a replaced file keeps its mode. Temporary files of this
-pattern left by a writer that is no longer alive (killed, say) are removed by the next write of the same target;
-a live writer's are never touched (the PID check assumes writers of one target run on one machine).
+The data goes to ``.<name>.<host>-<pid>.<random>.part`` beside the target and is renamed over it once complete
+(``<host>``: 8 hex digits of the machine's name). A new file gets the mode the umask gives (``0o666 & ~umask``), a
+replaced file keeps its mode. Temporary files of this pattern left by a writer of this machine that is no longer
+alive (killed, say) are removed by the next write of the same target; a live writer's are never touched, nor are
+another machine's (on a shared file system its PIDs say nothing here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
+import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.part")
+# Older temporaries have no "<host>-": they are taken as this machine's.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>[0-9]+)\.[0-9a-f]{8}\.part")
+
+
+def host_tag() -> str:
+    """8 hex digits naming this machine (a digest of its host name), as embedded in temporary names."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def temporary_name(path: Path) -> Path:
-    """A fresh temporary path beside ``path`` that embeds this process's PID."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    """A fresh temporary path beside ``path`` that embeds this machine's tag and this process's PID."""
+    return path.with_name(f".{path.name}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.part")
 
 
 def _alive(pid: int) -> bool:
@@ -40,17 +49,20 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove ``.<name>.<pid>.<random>.part`` files beside ``path`` whose writing process is gone; the removed
-    paths are returned. Anything else, a live writer's temporary included, is left alone."""
+    """Remove ``.<name>.<host>-<pid>.<random>.part`` files beside ``path`` written on this machine by a process
+    that is gone; the removed paths are returned. Anything else (a live writer's temporary, another machine's, a
+    file of another pattern) is left alone."""
     path = Path(path)
     removed = []
     try:
         candidates = list(path.parent.glob(f".{glob_escape(path.name)}.*.part"))
     except OSError:
         return removed
+    here = host_tag()
     for candidate in candidates:
         match = _TEMPORARY.fullmatch(candidate.name)
-        if match is None or match["name"] != path.name or _alive(int(match["pid"])):
+        if match is None or match["name"] != path.name or match["host"] not in (None, here) \
+                or _alive(int(match["pid"])):
             continue
         try:
             candidate.unlink()

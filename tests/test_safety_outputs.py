@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from segens.atomic import atomic_write, atomic_write_text, remove_stale_temporaries
+from segens.atomic import atomic_write, atomic_write_text, host_tag, remove_stale_temporaries
 from segens.classes import CLASSES
 from segens.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
@@ -94,13 +94,13 @@ def _start_writer(target: Path) -> subprocess.Popen:
 def test_stale_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path: Path) -> None:
     target = tmp_path / "sub.csv"
     killed = _start_writer(target)
-    killed_temp = [p for p in tmp_path.iterdir() if f".{killed.pid}." in p.name]
+    killed_temp = [p for p in tmp_path.iterdir() if f".{host_tag()}-{killed.pid}." in p.name]
     assert len(killed_temp) == 1 and killed_temp[0].name.startswith(".sub.csv.")
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     live = _start_writer(target)
     try:
-        live_temp = [p for p in tmp_path.iterdir() if f".{live.pid}." in p.name]
+        live_temp = [p for p in tmp_path.iterdir() if f".{host_tag()}-{live.pid}." in p.name]
         foreign = [tmp_path / ".sub.csv.part", tmp_path / ".other.csv.1.0123abcd.part", tmp_path / "notes.part"]
         for path in foreign:
             path.write_text("not segens' temporary of sub.csv")
@@ -112,6 +112,22 @@ def test_stale_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path
         live.kill()
         live.wait()
     assert remove_stale_temporaries(target) == live_temp  # its writer is gone now
+
+
+def test_stale_temporaries_of_other_machines_are_left_alone(tmp_path: Path) -> None:
+    """On a shared file system another machine's PIDs say nothing here: only this machine's dead writers go."""
+    target = tmp_path / "sub.csv"
+    dead = _start_writer(target)
+    dead.kill()
+    dead.wait()
+    other_host = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    elsewhere = tmp_path / f".sub.csv.{other_host}-{dead.pid}.0123abcd.part"
+    older_format = tmp_path / f".sub.csv.{dead.pid}.4567cdef.part"  # written before temporaries named their host
+    for path in (elsewhere, older_format):
+        path.write_text("partial")
+    removed = set(remove_stale_temporaries(target))
+    assert older_format in removed and not older_format.exists()
+    assert elsewhere.exists() and elsewhere not in removed
 
 
 # ---- output checks -----------------------------------------------------------------------------------------------
