@@ -286,6 +286,8 @@ def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
     assert unguarded.summary()["recipe"] > summary["plain_mean"] + 0.01  # on OOF the fitted recipe flatters itself
     assert unguarded.summary()["cv_gain_over_mean"] <= 1e-12
     assert "NOT reliably better" in unguarded.verdict()
+    gain = unguarded.summary()["cv_gain_over_best_member"]
+    assert f"against the best single member of each class: {gain:+.4f}" in unguarded.verdict()
 
 
 def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> None:

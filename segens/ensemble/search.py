@@ -421,6 +421,8 @@ class SearchReport:
             return (f"Searching does not beat the plain rule on held-out folds for any class ({searched}); the "
                     f"recipe is the plain rule.")
         judged = "beats" if gain > 0 and gain >= spread else "is NOT reliably better than"
+        best, best_spread = summary["cv_gain_over_best_member"], summary["cv_gain_over_best_member_std"]
         return (f"The recipe ({levels} classes) {judged} the plain mean on held-out folds: {gain:+.4f} ± "
-                f"{spread:.4f} Dice ({searched}). The held-out figure of the recipe is slightly optimistic: its "
-                f"fallback was decided on the same folds.")
+                f"{spread:.4f} Dice ({searched}); against the best single member of each class: {best:+.4f} ± "
+                f"{best_spread:.4f}. The held-out figure of the recipe is slightly optimistic: its fallback was "
+                f"decided on the same folds.")
