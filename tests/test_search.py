@@ -509,6 +509,27 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
     assert choose_level({"plain": plain, "searched": plain}) == "plain"  # a tie keeps the simpler rule
 
 
+def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project: Path, tmp_path: Path) -> None:
+    """Each fold's recipe figure is the level the rule picks on the other folds; the recipe itself keeps the level
+    picked on all folds. Picking on the scored folds too would flatter the estimate (it does here)."""
+    from segens.ensemble.search import LEVELS, choose_level
+
+    report = search_weights([str(project / "sharp.oof.zarr")], project / "data", project / "folds.json",
+                            tmp_path / "r.json", strategy="soft", step=0.25, cv=True, progress=False)
+    honest, flattering = [], []
+    for result in report.classes:
+        per_fold = {level: np.array([fold[level] for fold in result.cv]) for level in LEVELS if level in result.cv[0]}
+        assert result.level == choose_level(per_fold)
+        for index, fold in enumerate(result.cv):
+            assert fold["recipe"] == fold[choose_level({k: np.delete(v, index) for k, v in per_fold.items()})]
+        honest.append(np.mean([fold["recipe"] - fold["mean"] for fold in result.cv]))
+        flattering.append(np.mean([fold[result.level] - fold["mean"] for fold in result.cv]))
+    assert report.summary()["cv_gain_over_mean"] == pytest.approx(np.mean(honest), abs=1e-12)
+    assert np.mean(honest) < np.mean(flattering) - 0.002
+    print(f"held-out gain over the plain mean: {np.mean(honest):+.4f} (levels chosen on all folds: "
+          f"{np.mean(flattering):+.4f})")
+
+
 @pytest.mark.parametrize("members", [1, 5, 9])
 def test_distinct_rows_rebuild_every_pixel(members: int) -> None:
     """Each pixel's (values, truth) is its row's; counts add up; both key paths (up to 7 members, and more)."""

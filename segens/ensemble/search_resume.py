@@ -32,8 +32,9 @@ from segens.errors import SegensError
 from segens.members.store import ProbabilityStore
 from segens.safeload import load_json, validate
 
-FORMAT = 3  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
-#   3: the level kept by the no-loss rule, evidence batches beside the classes)
+FORMAT = 4  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
+#   3: the level kept by the no-loss rule, evidence batches beside the classes; 4: each fold's recipe figure from
+#   levels chosen without that fold)
 MAX_CLASS_FILE_BYTES = 4 << 20
 
 
