@@ -288,6 +288,7 @@ def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
     assert "NOT reliably better" in unguarded.verdict()
     gain = unguarded.summary()["cv_gain_over_best_member"]
     assert f"against the best single member of each class: {gain:+.4f}" in unguarded.verdict()
+    assert "No fallback" in unguarded.verdict() and "other folds" not in unguarded.verdict()
 
 
 def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> None:

@@ -385,6 +385,7 @@ class SearchReport:
     members: list[str]
     classes: list[ClassResult]
     recipe_path: str | None = None
+    fallback: bool = True  # the no-loss rule chose each class's level (with CV)
 
     def summary(self) -> dict[str, float]:
         """Means over classes: each member, the plain mean, the recipe; and the CV gains if run."""
@@ -428,4 +429,5 @@ class SearchReport:
         best, best_spread = summary["cv_gain_over_best_member"], summary["cv_gain_over_best_member_std"]
         return (f"The recipe ({levels} classes) {judged} the plain mean on held-out folds: {gain:+.4f} ± "
                 f"{spread:.4f} Dice ({searched}); against the best single member of each class: {best:+.4f} ± "
-                f"{best_spread:.4f}. Each fold's figure comes from levels chosen on the other folds.")
+                f"{best_spread:.4f}." + (" Each fold's figure comes from levels chosen on the other folds."
+                                         if self.fallback else " No fallback: every class keeps its searched setting."))

@@ -144,7 +144,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
             finished.save(result)
             results.append(result)
             bar.update(task, advance=1)
-    report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel))
+    report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel),
+                          fallback=settings["fallback"])
     settings |= {"seconds": round(time.perf_counter() - started, 3),
                  "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
     save_recipe(build_recipe(report, stores, settings), out)
