@@ -73,6 +73,11 @@ class ClassEvidence:
         """(images + 1,) int64: where each image's rows start (they are grouped by image, in order)."""
         return np.searchsorted(self.image, np.arange(self.images + 1)).astype(np.int64)
 
+    @cached_property
+    def pixel_starts(self) -> np.ndarray:
+        """(images + 1,) int64: where each image's ambiguous pixels start (grouped by image, in order)."""
+        return np.searchsorted(self.image[self.row], np.arange(self.images + 1)).astype(np.int64)
+
     def box_masks(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(always positive, truth) bool masks of image ``index`` inside its box."""
         r0, r1, c0, c1 = self.boxes[index]
@@ -229,7 +234,7 @@ def image_masks(evidence: ClassEvidence, kept: np.ndarray):
     """Per image: (box mask of a candidate whose rows ``kept`` says, truth in the box) or None for an image
     without a box; the mask equals what combine makes before post-processing."""
     kept_pixels = kept[evidence.row]
-    starts = np.searchsorted(evidence.image[evidence.row], np.arange(evidence.images + 1))
+    starts = evidence.pixel_starts
     for index in range(evidence.images):
         if evidence.boxes[index, 0] < 0:
             yield None

@@ -319,14 +319,14 @@ def search_class(evidence: ClassEvidence, strategy: str, thresholds: np.ndarray,
     for name_index, name in enumerate(subsets.names):
         if not name.startswith("train-"):
             continue
-        held = subsets.masks[subsets.names.index(name.replace("train-", "heldout-"))]
+        held_index = subsets.names.index(name.replace("train-", "heldout-"))
+        held = subsets.masks[held_index]
         fold = {"fold": int(name.split("-")[1])}
         for level, by_subset in simple.items():
             fold[level] = float(by_subset[name_index][1][held].mean())
         fold["searched"] = float(searched(name_index)[1][held].mean())
-        best_member = int(np.argmax(singles[:, name_index]))
-        fold |= {"mean": float(equal[subsets.names.index(name.replace("train-", "heldout-"))]),
-                 "best_member": float(singles[best_member, subsets.names.index(name.replace("train-", "heldout-"))])}
+        best_member = int(np.argmax(singles[:, name_index]))  # chosen on the training folds
+        fold |= {"mean": float(equal[held_index]), "best_member": float(singles[best_member, held_index])}
         cv.append(fold)
         for level in [*simple, "searched"]:
             held_out.setdefault(level, []).append(fold[level])
