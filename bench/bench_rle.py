@@ -1,6 +1,6 @@
 """RLE benchmark: all 29 masks of 2048x2048 synthetic hand X-rays, segens against the straightforward code.
 
-Encode: segens.rle.encode_stack vs the reference (flatten, pad, diff, join). Decode: segens.rle.decode_box
+Encode: segens.conventions.rle.encode_stack vs the reference (flatten, pad, diff, join). Decode: segens.conventions.rle.decode_box
 (the compact form every segens consumer uses) and decode_stack (full (29, H, W) masks) vs a per-run Python
 loop. Outputs are checked identical; medians over images and repeats. Run: .venv/bin/python bench/bench_rle.py
 """
@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from segens import rle
-from segens.dataset import discover, read_record_mask
+from segens.conventions import rle
+from segens.conventions.dataset import discover, read_record_mask
 from segens.reference import reference_decode, reference_encode
 from segens.synth import generate
 

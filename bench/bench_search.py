@@ -1,6 +1,6 @@
 """The exact weight search of ``ens search-weights`` against brute force at full resolution, per class.
 
-ours:        segens.ensemble.evidence.extract_class (one read of each image's class region, fixed pixels counted
+ours:        segens.search.evidence.extract_class (one read of each image's class region, fixed pixels counted
              once, ambiguous pixels kept) + WeightedSearch.scores for every candidate: (candidates, 255) Dice.
 brute force: per image, each member's full 2048x2048 class map read as float32 (p = v / 255) and the full
              ground truth, once; then per candidate and image the weighted sum exactly as combine computes it
@@ -46,12 +46,12 @@ from common import (  # noqa: E402
     timed,
 )
 
-from segens.classes import CLASSES, class_index  # noqa: E402
-from segens.dataset import ImageRecord  # noqa: E402
-from segens.dice import dice_from_counts  # noqa: E402
+from segens.conventions.classes import CLASSES, class_index  # noqa: E402
+from segens.conventions.dataset import ImageRecord  # noqa: E402
+from segens.conventions.dice import dice_from_counts  # noqa: E402
 from segens.ensemble.combine import normalise_weights  # noqa: E402
-from segens.ensemble.evidence import ClassEvidence, class_truth, extract_class, threshold_grid  # noqa: E402
-from segens.ensemble.search import Subsets, WeightedSearch, _best, base_candidates  # noqa: E402
+from segens.search.evidence import ClassEvidence, class_truth, extract_class, threshold_grid  # noqa: E402
+from segens.search.class_search import Subsets, WeightedSearch, _best, base_candidates  # noqa: E402
 
 DEFAULT_CLASSES = ("finger-4", "Capitate", "Radius")  # a finger bone, a carpal bone, the radius
 
@@ -209,7 +209,7 @@ def run(workdir: Path = DEFAULT_WORKDIR, images: int = 10, classes: Sequence[str
         repeats: int = 2, brute_candidates: int = 4, step: float = 0.1, size: int = 2048, store_images: int = 20,
         verbose: bool = True) -> list[dict[str, Any]]:
     """Per class: ours vs brute force; rows for the summary table."""
-    from segens.members.store import open_store
+    from segens.store import open_store
 
     say = print if verbose else (lambda *_: None)
     data = bench_data(workdir, max(store_images, images), size, log=say)

@@ -1,6 +1,6 @@
 """Per-image work after the network, on one CPU core: logits at model resolution -> probability store.
 
-ours:     segens.members.postprocess.logits_to_uint8 (float32, only where a class can be non-zero) + uint8
+ours:     segens.members.decode.logits_to_uint8 (float32, only where a class can be non-zero) + uint8
           store write (blosc, all-zero chunks skipped, boxes).
 baseline: float32 bilinear upsampling of all 29 maps, float32 sigmoid, zarr write of float32 with the same
           chunking and zarr's default compression.
@@ -30,9 +30,9 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segens.classes import NUM_CLASSES  # noqa: E402
-from segens.members.postprocess import logits_to_uint8, reference_logits_to_uint8  # noqa: E402
-from segens.members.store import create_store  # noqa: E402
+from segens.conventions.classes import NUM_CLASSES  # noqa: E402
+from segens.members.decode import logits_to_uint8, reference_logits_to_uint8  # noqa: E402
+from segens.store import create_store  # noqa: E402
 
 
 def synthetic_logits(seed: int, size: int = 512) -> torch.Tensor:

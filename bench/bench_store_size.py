@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from segens.dataset import discover, read_image
+from segens.conventions.dataset import discover, read_image
 from segens.members.registry import factory
 from segens.members.spec import load_spec
-from segens.members.store import create_store, quantize
+from segens.store import create_store, quantize
 from segens.synth import generate
 
 

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from segens.dataset import discover  # noqa: E402
+from segens.conventions.dataset import discover  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
-from segens.members.smp import build_model, logits_of  # noqa: E402
+from segens.members.kinds.smp import build_model, logits_of  # noqa: E402
 from segens.synth import generate  # noqa: E402
 from segens.training.augment import Augment  # noqa: E402
 from segens.training.data import CachedImages, LabelledImages, cache_records  # noqa: E402

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from segens.classes import NUM_CLASSES  # noqa: E402
-from segens.dataset import ImageRecord, discover, read_record_mask  # noqa: E402
-from segens.members.store import create_store, open_store  # noqa: E402
+from segens.conventions.classes import NUM_CLASSES  # noqa: E402
+from segens.conventions.dataset import ImageRecord, discover, read_record_mask  # noqa: E402
+from segens.store import create_store, open_store  # noqa: E402
 from segens.synth import generate  # noqa: E402
 
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "segens-bench"  # $TMPDIR or the system default

@@ -42,7 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segens.dataset import discover  # noqa: E402
+from segens.conventions.dataset import discover  # noqa: E402
 from segens.members.predict import predict_member, read_batch  # noqa: E402
 from segens.members.registry import factory  # noqa: E402
 from segens.members.spec import load_spec, sha256_of  # noqa: E402
@@ -101,7 +101,7 @@ def build_yolo_member(setup: MemberSetup, folder: Path) -> Path:
     bias +2: every anchor is a confident detection, so NMS keeps max_det instances) and the member's spec."""
     from ultralytics.nn.tasks import SegmentationModel
 
-    from segens.classes import CLASSES
+    from segens.conventions.classes import CLASSES
 
     checkpoints = {}
     for fold in range(FOLDS):

@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 from joblib import Parallel, delayed
 
-from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import discover, read_record_mask
+from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.dataset import discover, read_record_mask
 from segens.folds.splits import make_folds, save_folds
-from segens.members.store import create_store, open_store
+from segens.store import create_store, open_store
 from segens.synth import generate
 
 FIXTURE_VERSION = 1

@@ -42,7 +42,7 @@ def reference_combine(store_paths, weights, thresholds, out_csv) -> None:
     import pandas as pd
     import zarr
 
-    from segens.classes import CLASSES
+    from segens.conventions.classes import CLASSES
 
     groups = [zarr.open_group(str(path), mode="r") for path in store_paths]
     keys = sorted(_array_keys(groups[0]), key=lambda key: key + ".png")

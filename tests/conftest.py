@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from segens.classes import CLASSES
-from segens.labels import write_label_json
+from segens.conventions.classes import CLASSES
+from segens.conventions.labels import write_label_json
 
 
 def square_polygons(height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:

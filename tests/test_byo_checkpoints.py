@@ -17,13 +17,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from segens.classes import CLASSES
+from segens.conventions.classes import CLASSES
 from segens.cli import app
-from segens.dataset import discover
+from segens.conventions.dataset import discover
 from segens.errors import SegensError
 from segens.members.predict import predict_member
 from segens.members.spec import sha256_of
-from segens.members.store import open_store, quantize
+from segens.store import open_store, quantize
 from segens.synth import generate
 
 SHUFFLED = [CLASSES[i] for i in np.random.default_rng(7).permutation(len(CLASSES))]
@@ -383,7 +383,7 @@ torch.save(checkpoint, path)
 def test_yolov8_seg_trained_with_shuffled_class_order(colour_root: Path, tmp_path_factory) -> None:
     from ultralytics import YOLO
 
-    from segens.members.yolo import soft_predict
+    from segens.members.kinds.yolo_masks import soft_predict
 
     folder = tmp_path_factory.mktemp("yolo_baseline")
     names = folder / "names.json"

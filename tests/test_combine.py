@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.ensemble.combine import combine, parse_weights
 from segens.ensemble.recipe import Recipe, save_recipe
 from segens.errors import SegensError
-from segens.members.store import create_store, open_store
+from segens.store import create_store, open_store
 from segens.reference import reference_combine, reference_encode
-from segens.submission import read_submission
+from segens.conventions.submission import read_submission
 
 KEYS = ["ID001/image1661130828152_R", "ID001/image1661130828152", "ID002/image1661130900000", "ID002/image1661130900001_L"]
 SHAPE = (40, 56)
@@ -112,7 +112,7 @@ def _two_member_stores(base: Path, weights_case: bool = False) -> list[Path]:
 
 
 def _class0(path: Path) -> np.ndarray:
-    from segens.rle import decode
+    from segens.conventions.rle import decode
 
     return decode(read_submission(path).image("img.png")[0], 4, 10)[0]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segens.classes import NUM_CLASSES
+from segens.conventions.classes import NUM_CLASSES
 from segens.ensemble.combine import combine
 from segens.errors import SegensError
-from segens.members.store import create_store
+from segens.store import create_store
 
 KEYS = ["ID001/image1", "ID001/image2", "ID002/image3"]
 

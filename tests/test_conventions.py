@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import square_polygons
 
-from segens.classes import CLASSES, NUM_CLASSES, class_index
-from segens.dataset import discover, image_size, read_image, read_record_mask
+from segens.conventions.classes import CLASSES, NUM_CLASSES, class_index
+from segens.conventions.dataset import discover, image_size, read_image, read_record_mask
 from segens.errors import SegensError
-from segens.labels import parse_label_json, read_label_mask
+from segens.conventions.labels import parse_label_json, read_label_mask
 
 
 def test_class_order() -> None:
@@ -81,7 +81,7 @@ def test_mask_uses_the_image_size_not_stale_metadata(tiny_root: Path) -> None:
 
 
 def test_rasterize_fills_polygon_inclusive(tmp_path: Path) -> None:
-    from segens.labels import rasterize
+    from segens.conventions.labels import rasterize
 
     polygons = {name: np.array([[1, 1], [3, 1], [3, 2], [1, 2]], np.int32) for name in CLASSES}
     mask = rasterize(polygons, 5, 5)

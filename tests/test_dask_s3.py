@@ -19,16 +19,17 @@ from conftest import make_smp_project
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens import backend as backend_module
-from segens.backend import check_backend, parse_storage_options, store_options
-from segens.classes import NUM_CLASSES
+from segens.infra import backend as backend_module
+from segens.infra.backend import check_backend, parse_storage_options
+from segens.store.location import store_options
+from segens.conventions.classes import NUM_CLASSES
 from segens.cli import app
-from segens.dataset import discover, read_record_mask
+from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
-from segens.ensemble.search_weights import search_weights
+from segens.search.run import search_weights
 from segens.errors import SegensError
 from segens.members.predict import chunk_batches, predict_member
-from segens.members.store import create_store, open_store
+from segens.store import create_store, open_store
 
 
 

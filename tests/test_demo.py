@@ -12,11 +12,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from segens.classes import CLASSES
+from segens.conventions.classes import CLASSES
 from segens.cli import app
-from segens.dataset import discover
+from segens.conventions.dataset import discover
 from segens.reference import reference_combine, reference_decode, reference_dice
-from segens.submission import read_submission
+from segens.conventions.submission import read_submission
 
 
 def _reference_test_dice(csv: Path, root: Path) -> float:
@@ -88,7 +88,7 @@ def test_selfcheck(tmp_path: Path) -> None:
 
 
 def test_demo_configurations_are_valid_member_specs(tmp_path: Path) -> None:
-    from segens.demo import CUDA, FULL, QUICK, config_for, member_specs
+    from segens.demo.run import CUDA, FULL, QUICK, config_for, member_specs
     from segens.members.registry import factory
     from segens.members.spec import load_spec
 

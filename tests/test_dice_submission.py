@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segens.classes import CLASSES
-from segens.dataset import discover, read_record_mask
-from segens.dice import DiceTable, dice_per_class
+from segens.conventions.classes import CLASSES
+from segens.conventions.dataset import discover, read_record_mask
+from segens.conventions.dice import DiceTable, dice_per_class
 from segens.ensemble.evaluate import evaluate_submission
 from segens.errors import SegensError
 from segens.reference import reference_dice
-from segens.rle import encode_stack
-from segens.submission import image_rows, read_submission, write_submission
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, read_submission, write_submission
 
 
 def test_dice_matches_reference_including_empty_cases() -> None:

@@ -13,11 +13,11 @@ from conftest import square_polygons, write_image
 from typer.testing import CliRunner
 
 from segens.cli import app
-from segens.dataset import discover
+from segens.conventions.dataset import discover
 from segens.errors import SegensError
 from segens.folds.splits import Folds, image_list_sha256, load_folds, make_folds, patient_of, save_folds
-from segens.labels import write_label_json
-from segens.metadata import write_metadata
+from segens.conventions.labels import write_label_json
+from segens.conventions.metadata import write_metadata
 
 SIZE = 16
 

@@ -19,13 +19,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from segens.classes import NUM_CLASSES
+from segens.conventions.classes import NUM_CLASSES
 from segens.cli import app
-from segens.dataset import discover
+from segens.conventions.dataset import discover
 from segens.folds.splits import make_folds, save_folds
-from segens.labels import read_label_mask
-from segens.members.store import create_store
-from segens.rle import encode
+from segens.conventions.labels import read_label_mask
+from segens.store import create_store
+from segens.conventions.rle import encode
 from segens.synth import generate
 
 MEMBERS = {"alpha": (0, 1, 2), "beta": (1, -1, 3), "gamma": (-1, 0, 4)}  # name: (row shift, col shift, radius)
@@ -55,7 +55,7 @@ def member_maps(truth: np.ndarray, shift: tuple[int, int], radius: int, seed: in
 def write_csv(path: Path, maps: dict[str, np.ndarray]) -> None:
     """A submission CSV of maps > 127 (competition order, as segens writes it)."""
     lines = ["image_name,class,rle"]
-    from segens.classes import CLASSES
+    from segens.conventions.classes import CLASSES
 
     for key in sorted(maps, key=lambda key: key + ".png"):
         for name, plane in zip(CLASSES, maps[key]):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from segens.errors import SegensError
-from segens.metadata import read_metadata, write_metadata
+from segens.conventions.metadata import read_metadata, write_metadata
 
 KOREAN = ["ID", "나이", "성별", "체중(몸무게)", "키(신장)"]
 

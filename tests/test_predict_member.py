@@ -11,14 +11,14 @@ from conftest import make_smp_project
 from typer.testing import CliRunner
 
 from segens.cli import app
-from segens.dataset import discover, read_image, read_record_mask
+from segens.conventions.dataset import discover, read_image, read_record_mask
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.predict import predict_member
-from segens.members.store import open_store
+from segens.store import open_store
 from segens.reference import reference_member_probabilities
-from segens.rle import encode_stack
-from segens.submission import image_rows, read_submission, write_submission
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, read_submission, write_submission
 
 
 def fold_models(project: Path) -> dict:
@@ -150,7 +150,7 @@ def test_csv_member_errors(project: Path, tmp_path: Path) -> None:
         predict_member(tmp_path / "short.yaml", "test", project / "data", tmp_path / "s.zarr", progress=False)
     (tmp_path / "big.csv").write_text("image_name,class,rle\n" + "".join(
         f"{record.name},{c},{'1 999999' if c == 'Ulna' else ''}\n"
-        for record in discover(project / "data", "test").records for c in __import__("segens.classes").classes.CLASSES))
+        for record in discover(project / "data", "test").records for c in __import__("segens.conventions.classes").conventions.classes.CLASSES))
     (tmp_path / "big.yaml").write_text(yaml.safe_dump({"name": "b", "kind": "csv", "model": {"test": "big.csv"}}))
     with pytest.raises(SegensError, match="runs past the end"):
         predict_member(tmp_path / "big.yaml", "test", project / "data", tmp_path / "b.zarr", progress=False)

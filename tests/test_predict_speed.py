@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import make_smp_project
 
-from segens.dataset import discover
+from segens.conventions.dataset import discover
 from segens.errors import SegensError
-from segens.members.postprocess import (passes_to_uint8, passes_to_uint8_torch, reference_passes_to_uint8)
+from segens.members.decode import (passes_to_uint8, passes_to_uint8_torch, reference_passes_to_uint8)
 from segens.members.predict import predict_member, read_batch
 from segens.members.registry import factory
 from segens.members.spec import load_spec
-from segens.members.store import image_boxes, open_store
+from segens.store import image_boxes, open_store
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -116,7 +116,7 @@ def test_pipelined_and_resumed_stores_are_byte_identical(project: Path, tmp_path
 
 
 def test_yolo_crops_are_exact_only_without_letterbox_and_at_dyadic_ratios() -> None:
-    from segens.members.yolo import crops_are_exact
+    from segens.members.kinds.yolo_masks import crops_are_exact
 
     assert crops_are_exact(torch.zeros(32, 256, 256), (2048, 2048))       # imgsz 1024 on the competition's images
     assert crops_are_exact(torch.zeros(32, 64, 64), (512, 512))
@@ -133,7 +133,7 @@ def test_yolo_per_box_upsampling_equals_the_full_size_path_bit_for_bit(shape: tu
     with fractional and out-of-image corners; and soft_predict's class maps are identical either way."""
     from ultralytics import YOLO
 
-    from segens.members.yolo import (SoftSegmentationPredictor, crops_are_exact, instance_probability_chunks,
+    from segens.members.kinds.yolo_masks import (SoftSegmentationPredictor, crops_are_exact, instance_probability_chunks,
                                      instance_probability_crops, soft_predict)
 
     captured: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segens import rle
+from segens.conventions import rle
 from segens.errors import SegensError
 from segens.reference import reference_decode, reference_encode
 

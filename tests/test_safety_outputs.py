@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 import yaml
 
-from segens.atomic import atomic_write, atomic_write_text, host_tag, remove_stale_temporaries
-from segens.classes import CLASSES
-from segens.dataset import discover, read_record_mask
+from segens.infra.atomic import atomic_write, atomic_write_text, host_tag, remove_stale_temporaries
+from segens.conventions.classes import CLASSES
+from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
-from segens.ensemble.search_weights import search_weights
+from segens.search.run import search_weights
 from segens.errors import SegensError
 from segens.members.train import train_member
 from segens.members.predict import predict_member
-from segens.members.store import create_store, open_store
-from segens.outputs import Output, check_outputs, is_store
-from segens.rle import encode_stack
-from segens.submission import image_rows, write_submission
+from segens.store import create_store, open_store
+from segens.infra.outputs import Output, check_outputs, is_store
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, write_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -75,7 +75,7 @@ def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path: P
 
 WRITER = """
 import sys, time
-from segens.atomic import atomic_write
+from segens.infra.atomic import atomic_write
 with atomic_write(sys.argv[1]) as handle:
     handle.write("partial")
     handle.flush()
@@ -314,7 +314,7 @@ def test_search_weights_outputs_are_checked_before_the_search(csv_project: Path,
 
 
 def test_selfcheck_replaces_its_earlier_data_set_only_with_overwrite(tmp_path: Path) -> None:
-    from segens.selfcheck import run_selfcheck
+    from segens.demo.selfcheck import run_selfcheck
 
     run_selfcheck(tmp_path, size=64, progress=False)
     with pytest.raises(SegensError, match=r"data: already holds a data set \(train\).*pass --overwrite to replace it"):

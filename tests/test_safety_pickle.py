@@ -17,12 +17,12 @@ import torch
 import yaml
 
 from segens.errors import SegensError
-from segens.ensemble.search_resume import FORMAT as RESUME_FORMAT
-from segens.ensemble.search_resume import FinishedClasses, partial_root, result_from_json, result_to_json
-from segens.ensemble.search_weights import search_weights
+from segens.search.resume import FORMAT as RESUME_FORMAT
+from segens.search.resume import FinishedClasses, partial_root, result_from_json, result_to_json
+from segens.search.run import search_weights
 from segens.folds.splits import make_folds, save_folds
 from segens.members.spec import load_spec
-from segens.members.store import create_store
+from segens.store import create_store
 from segens.members.train import train_member
 from segens.synth import generate
 from segens.training.loop import load_resume_state
@@ -54,7 +54,7 @@ def test_the_evil_pickle_is_live(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A synthetic data root (64 px), 3 folds and two OOF stores with noisy maps of the labels."""
-    from segens.dataset import discover, read_record_mask
+    from segens.conventions.dataset import discover, read_record_mask
 
     base = tmp_path_factory.mktemp("pickle")
     generate(base / "data", n_train_patients=3, n_test_patients=1, size=64, seed=5)
@@ -90,8 +90,8 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
     script = (
         "import os, signal, sys, threading, time\n"
         "from pathlib import Path\n"
-        "from segens.ensemble.search_resume import partial_root\n"
-        "from segens.ensemble.search_weights import search_weights\n"
+        "from segens.search.resume import partial_root\n"
+        "from segens.search.run import search_weights\n"
         f"out = Path({str(out)!r})\n"
         "def kill_at_first_class():\n"
         "    while not list(partial_root(out).glob('*/class-*.json')):\n"
@@ -123,10 +123,10 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
 
 
 def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(project: Path, tmp_path: Path) -> None:
-    from segens.dataset import discover
-    from segens.ensemble.evidence import extract_class, threshold_grid
-    from segens.ensemble.search import search_class
-    from segens.members.store import open_store
+    from segens.conventions.dataset import discover
+    from segens.search.evidence import extract_class, threshold_grid
+    from segens.search.class_search import search_class
+    from segens.store import open_store
 
     stores = [open_store(project / "a.oof.zarr"), open_store(project / "b.oof.zarr")]
     records = discover(project / "data", "train").records

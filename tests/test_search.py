@@ -18,17 +18,17 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
-from segens.dataset import discover, read_record_mask
+from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
-from segens.ensemble.evidence import extract_class, hard_dice, threshold_grid
-from segens.ensemble.search import WeightedSearch, _best, base_candidates, make_subsets
-from segens.ensemble import search_weights as search_weights_module
-from segens.ensemble.search_weights import search_weights
+from segens.search.evidence import extract_class, hard_dice, threshold_grid
+from segens.search.class_search import WeightedSearch, _best, base_candidates, make_subsets
+from segens.search import run as search_weights_module
+from segens.search.run import search_weights
 from segens.folds.splits import make_folds, save_folds
-from segens.members.store import create_store, open_store
+from segens.store import create_store, open_store
 from segens.synth import generate
 
 THRESHOLDS = threshold_grid()
@@ -352,7 +352,7 @@ def killed_search(project: Path, tmp_path_factory) -> dict:
     killed.parent.mkdir()
     script = f"""
 import os, signal
-from segens.ensemble import search_weights as module
+from segens.search import run as module
 searched, original = [], module._one_class
 def stop_before_class(*args, **kwargs):
     if len(searched) == {STOP_AFTER}:
@@ -460,7 +460,7 @@ def test_masks_rebuilt_from_evidence_equal_combines(project: Path, strategy: str
     """Post-processing is scored on masks rebuilt from the evidence (always-positive bits + kept ambiguous
     pixels); for every image they equal combine's mask of the same settings, pixel for pixel."""
     from segens.ensemble.combine import Settings, class_mask
-    from segens.ensemble.evidence import hard_kept, image_masks, weighted_kept
+    from segens.search.evidence import hard_kept, image_masks, weighted_kept
 
     stores = stores_of(project)
     records = discover(project / "data", "train").records
@@ -491,7 +491,7 @@ def test_masks_rebuilt_from_evidence_equal_combines(project: Path, strategy: str
 
 
 def test_fill_holes_equals_scipys() -> None:
-    from segens.ensemble.postprocess import fill_holes
+    from segens.ensemble.morphology import fill_holes
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -500,7 +500,7 @@ def test_fill_holes_equals_scipys() -> None:
 
 
 def test_choose_level_needs_more_than_a_standard_error() -> None:
-    from segens.ensemble.search import choose_level
+    from segens.search.class_search import choose_level
 
     plain = np.array([0.95, 0.96, 0.94, 0.95, 0.96])
     assert choose_level({"plain": plain, "threshold": plain + 0.001, "searched": plain + 0.002}) == "searched"
@@ -513,7 +513,7 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
 def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project: Path, tmp_path: Path) -> None:
     """Each fold's recipe figure is the level the rule picks on the other folds; the recipe itself keeps the level
     picked on all folds. Picking on the scored folds too would flatter the estimate (it does here)."""
-    from segens.ensemble.search import LEVELS, choose_level
+    from segens.search.class_search import LEVELS, choose_level
 
     report = search_weights([str(project / "sharp.oof.zarr")], project / "data", project / "folds.json",
                             tmp_path / "r.json", strategy="soft", step=0.25, cv=True, progress=False)
@@ -534,7 +534,7 @@ def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project:
 @pytest.mark.parametrize("members", [1, 5, 9])
 def test_distinct_rows_rebuild_every_pixel(members: int) -> None:
     """Each pixel's (values, truth) is its row's; counts add up; both key paths (up to 7 members, and more)."""
-    from segens.ensemble.evidence import distinct_rows
+    from segens.search.evidence import distinct_rows
 
     rng = np.random.default_rng(members)
     values = rng.choice(np.array([0, 1, 128, 254, 255], np.uint8), size=(members, 5000))
@@ -550,7 +550,7 @@ def test_damaged_evidence_batches_are_extracted_again(project: Path, tmp_path: P
     """A batch file that is cut short, holds a pickled object, or whose arrays do not fit its batch (a position
     outside its box, a row out of range, counts that do not add up, another member count) is not valid: the
     search extracts it again instead of scoring from it or failing deep inside."""
-    from segens.ensemble.evidence_files import batch_path, batches, extract_batch, save_batch, valid_batch
+    from segens.search.evidence_files import batch_path, batches, extract_batch, save_batch, valid_batch
 
     stores = stores_of(project)[:2]
     records = discover(project / "data", "train").records

@@ -20,7 +20,7 @@ from segens.cli import app
 from segens.errors import SegensError
 from segens.folds.splits import make_folds, save_folds
 from segens.members.registry import factory
-from segens.members.smp import SmpMember
+from segens.members.kinds.smp import SmpMember
 from segens.members.spec import MemberSpec, load_spec
 from segens.synth import generate
 
@@ -205,7 +205,7 @@ def test_folds_and_flip_are_averaged_as_a_straightforward_reference_does(tmp_pat
 
 
 def test_fast_uint8_path_equals_quantized_probabilities(tmp_path: Path) -> None:
-    from segens.members.store import quantize
+    from segens.store import quantize
 
     spec = MemberSpec(name="m", kind="smp", input_size=(64, 64), tta=["hflip"],
                       model={"architecture": "Unet", "encoder": "resnet18"}, path=tmp_path / "m.yaml")

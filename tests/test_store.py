@@ -19,18 +19,18 @@ import pytest
 import torch
 import zarr
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
-from segens.members.postprocess import logits_to_uint8, reference_logits_to_uint8
-from segens.members.store import (
-    _digest,
+from segens.members.decode import logits_to_uint8, reference_logits_to_uint8
+from segens.store.image import metadata_digest as _digest
+from segens.store import (
     create_store,
     dequantize,
     image_boxes,
     open_store,
     quantize,
 )
-from segens.rle import bbox
+from segens.conventions.rle import bbox
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("ID001/image1661130828152_R", "ID001/image1661130828153", "ID002/image1661130900001_L")
@@ -208,7 +208,7 @@ def test_incomplete_image_is_invisible_and_rewritten_identically(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from segens.members.store import create_store
+    from segens.store import create_store
     planned = [f"ID{index % 2:03d}/image{index}_R" for index in range(int(sys.argv[2]))]
     store = create_store(sys.argv[1], "m", "smp", "oof", {"name": "m"}, {0: {"path": "f.pt", "sha256": "ab"}},
                          images=planned)
@@ -323,7 +323,7 @@ def test_logits_at_rounding_boundaries_match_the_full_size_path(one_thread):
 
 def test_read_region_equals_zarr_slicing_on_any_box(tmp_path) -> None:
     """The direct chunk reader gives exactly zarr's values for boxes across chunk edges and unwritten chunks."""
-    from segens.members.store import create_store
+    from segens.store import create_store
 
     rng = np.random.default_rng(4)
     probs = np.zeros((29, 700, 1100), np.uint8)

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segens.classes import CLASS_TO_INDEX, CLASSES
+from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
 from segens.errors import SegensError
-from segens.labels import check_points_inside, parse_label_json, rasterize
-from segens.metadata import read_metadata
+from segens.conventions.labels import check_points_inside, parse_label_json, rasterize
+from segens.conventions.metadata import read_metadata
 from segens.synth import SynthSummary, generate, preview
 
 SIZE = 160

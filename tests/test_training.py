@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from segens.dataset import discover, read_record_mask
-from segens.dice import DiceTable, dice_per_class
+from segens.conventions.dataset import discover, read_record_mask
+from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
 from segens.folds.splits import make_folds, save_folds
 from segens.members.input_contract import InputContract
@@ -222,8 +222,11 @@ def _folder_imports() -> dict[str, set[str]]:
 
 def test_folders_import_one_way() -> None:
     edges = _folder_imports()
-    assert edges["training"] <= {"synth"} and "members" not in edges["folds"]
+    assert edges["infra"] == set() and edges["conventions"] <= {"infra"}  # the two bottom layers
+    assert edges["store"] <= {"conventions", "infra"}
+    assert edges["training"] <= {"synth", "conventions", "infra"} and "members" not in edges["folds"]
     assert "training" in edges["members"]  # the member kinds use the one training package
+    assert "search" not in edges["ensemble"] and "members" not in edges["search"] | edges["ensemble"]
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in edges[start])

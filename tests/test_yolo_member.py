@@ -12,11 +12,11 @@ import pytest
 import yaml
 from conftest import square_polygons
 
-from segens.classes import CLASSES
-from segens.dataset import ImageRecord, discover
+from segens.conventions.classes import CLASSES
+from segens.conventions.dataset import ImageRecord, discover
 from segens.errors import SegensError
 from segens.training.yolo_data import read_yolo_label, write_fold_dataset, yolo_label_text
-from segens.labels import write_label_json
+from segens.conventions.labels import write_label_json
 from segens.members.registry import factory
 from segens.members.spec import Checkpoint, MemberSpec
 
@@ -180,7 +180,7 @@ def test_finished_fold_is_returned_without_training(trained, monkeypatch: pytest
 def test_soft_masks_match_ultralytics_retina_masks(trained, shape: tuple[int, int]) -> None:
     from ultralytics import YOLO
 
-    from segens.members.yolo import soft_predict
+    from segens.members.kinds.yolo_masks import soft_predict
 
     member, result, records, _ = trained
     image = cv2.resize(cv2.imread(str(records[4].image_path), cv2.IMREAD_GRAYSCALE), shape[::-1])
@@ -208,7 +208,7 @@ def test_predict_averages_folds_and_checks_checkpoints(trained, tmp_path: Path) 
     from ultralytics import YOLO
 
     from segens.members.spec import sha256_of
-    from segens.members.yolo import soft_predict
+    from segens.members.kinds.yolo_masks import soft_predict
 
     member, result, records, out_dir = trained
     checkpoint = result.checkpoint

@@ -51,7 +51,7 @@ def selfcheck(
 
     Example: `ens selfcheck --out selfcheck --size 512`
     """
-    from segens.selfcheck import run_selfcheck
+    from segens.demo.selfcheck import run_selfcheck
 
     result = run_selfcheck(out, size=size, overwrite=overwrite)
     table = Table(title=f"self-check on {result.images} test images of {result.root}")
@@ -81,7 +81,7 @@ def demo(
 
     Example: `ens demo --out demo`   (under 15 minutes on 2 CPU cores; `--quick` under 3)
     """
-    from segens.demo import run_demo
+    from segens.demo.run import run_demo
 
     result = run_demo(out, quick=quick, device=device)
     output.print(demo_table(result))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from segens.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
+from segens.infra.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
 from segens.cli._app import app, console, output
 
 
@@ -44,7 +44,7 @@ def combine(
 
     On a cluster (workers read the stores, this process writes the same CSV): `ens combine s3://bucket/vgg.test.zarr s3://bucket/hrnet.test.zarr --out submission.csv --backend dask --scheduler tcp://10.0.0.5:8786`
     """
-    from segens.backend import parse_storage_options
+    from segens.infra.backend import parse_storage_options
     from segens.ensemble.combine import combine as run
     from segens.ensemble.combine import parse_weights
 
@@ -93,11 +93,11 @@ def search_weights(
     """
     from rich.table import Table
 
-    from segens.backend import parse_storage_options
-    from segens.ensemble.search_weights import report_rows
-    from segens.ensemble.search_weights import search_weights as run
+    from segens.infra.backend import parse_storage_options
+    from segens.search.run import report_rows
+    from segens.search.run import search_weights as run
 
-    from segens.outputs import Output
+    from segens.infra.outputs import Output
 
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
                  postprocess=postprocess, fallback=fallback, backend=backend, scheduler=scheduler,
@@ -116,7 +116,7 @@ def search_weights(
     if report_csv is not None:
         import pandas as pd
 
-        from segens.atomic import atomic_write
+        from segens.infra.atomic import atomic_write
 
         with atomic_write(report_csv) as handle:
             pd.DataFrame(rows).to_csv(handle, index=False)

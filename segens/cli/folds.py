@@ -48,7 +48,7 @@ def make(
     Example: `ens folds make data/ --k 5 --out folds.json --stratify bmi --seed 0`
     """
     from segens.folds.splits import make_folds, save_folds
-    from segens.outputs import Output, check_outputs
+    from segens.infra.outputs import Output, check_outputs
 
     check_outputs([Output(out)], inputs=[root, metadata], overwrite=overwrite)
     folds, notes = make_folds(root, k=k, stratify=stratify, seed=seed, metadata=metadata)

@@ -34,7 +34,7 @@ def evaluate(
     Example: `ens evaluate stores/vgg.oof.zarr stores/hrnet.oof.zarr --data data/ --plot dice.png`
     """
     from segens.ensemble.evaluate import evaluate_predictions
-    from segens.outputs import Output, check_outputs
+    from segens.infra.outputs import Output, check_outputs
 
     check_outputs([Output(plot, option="--plot")], inputs=[*preds, data], overwrite=overwrite)
     evaluations = evaluate_predictions(preds, data, split, threshold, progress=not as_json and console.is_terminal)
@@ -84,7 +84,7 @@ def show(
     Example: `ens show ID001/image1661130828152 --data data/ --pred submission.csv --error Capitate --out capitate.png`
     """
     from segens.ensemble.overlay import draw_overlay
-    from segens.outputs import Output, check_outputs
+    from segens.infra.outputs import Output, check_outputs
 
     check_outputs([Output(out)], inputs=[*(pred or []), data], overwrite=overwrite)
     names = classes.split(",") if classes else None

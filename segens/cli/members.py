@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from segens.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
+from segens.infra.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
 from segens.cli._app import app, output
 
 
@@ -77,7 +77,7 @@ def predict_member(
 
     On a cluster: `ens predict-member /shared/members/unetpp-vgg19.yaml --split test --data /shared/data --out s3://bucket/unetpp.test.zarr --backend dask --scheduler tcp://10.0.0.5:8786 --device auto`
     """
-    from segens.backend import parse_storage_options
+    from segens.infra.backend import parse_storage_options
     from segens.members.predict import predict_member as run
 
     summary = run(spec, split, data, out, folds_path=folds, overwrite=overwrite, device=device,

@@ -26,17 +26,18 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options
-from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import check_unique_file_names
-from segens.ensemble.postprocess import apply_postprocessing
+from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
+from segens.store.location import shared_location, store_options
+from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.dataset import check_unique_file_names
+from segens.ensemble.morphology import apply_postprocessing
 from segens.ensemble.recipe import STRATEGIES, Recipe, check_class_weights, load_recipe
 from segens.errors import SegensError
-from segens.members.store import ProbabilityStore, create_store, open_store
-from segens.outputs import Output, check_outputs
-from segens.progress import progress_bar
-from segens.rle import BBox, encode_box
-from segens.submission import image_rows, write_submission
+from segens.store import ProbabilityStore, create_store, open_store
+from segens.infra.outputs import Output, check_outputs
+from segens.infra.progress import progress_bar
+from segens.conventions.rle import BBox, encode_box
+from segens.conventions.submission import image_rows, write_submission
 
 IMAGE_SUFFIX = ".png"  # stores key images by relative path without extension; the competition's images are PNG
 

@@ -1,4 +1,4 @@
-"""Scoring predictions against a data root's labels with the competition's Dice (segens.dice).
+"""Scoring predictions against a data root's labels with the competition's Dice (segens.conventions.dice).
 
 A prediction (PRED) is a submission CSV (rows matched by image file name and class) or a probability store
 (images matched by key, each class kept where the stored p = v / 255 > threshold in float32, as ``ens combine``
@@ -16,15 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import ImageRecord, discover, image_size
-from segens.dice import DiceTable, dice_from_counts
+from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.dataset import ImageRecord, discover, image_size
+from segens.conventions.dice import DiceTable, dice_from_counts
 from segens.errors import SegensError
-from segens.labels import check_points_inside, parse_label_json
-from segens.members.store import ProbabilityStore, open_store
-from segens.progress import progress_bar
-from segens.rle import BBox, decode_box
-from segens.submission import Submission, read_submission
+from segens.conventions.labels import check_points_inside, parse_label_json
+from segens.store import ProbabilityStore, open_store
+from segens.infra.progress import progress_bar
+from segens.conventions.rle import BBox, decode_box
+from segens.conventions.submission import Submission, read_submission
 
 BoxedMask = tuple[BBox | None, np.ndarray]
 """One class of one image: (box, bool mask inside it), or (None, a (0, 0) array) when the class is empty."""
@@ -40,7 +40,7 @@ EMPTY: BoxedMask = (None, np.zeros((0, 0), dtype=bool))
 
 def truth_masks(record: ImageRecord, size: tuple[int, int]) -> list[BoxedMask]:
     """The 29 ground-truth masks of a labelled image of ``size`` (H, W), each painted only inside its polygon's
-    box; pixel for pixel the same as segens.labels.rasterize (cv2.fillPoly of integer points)."""
+    box; pixel for pixel the same as segens.conventions.labels.rasterize (cv2.fillPoly of integer points)."""
     if record.label_path is None:
         raise SegensError(f"{record.image_path}: no label file; cannot score or outline this image's truth")
     height, width = size

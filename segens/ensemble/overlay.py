@@ -22,9 +22,9 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from segens.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
-from segens.dataset import SPLITS, ImageRecord, discover, image_size, read_image  # noqa: E402
-from segens.dice import dice_from_counts  # noqa: E402
+from segens.conventions.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
+from segens.conventions.dataset import SPLITS, ImageRecord, discover, image_size, read_image  # noqa: E402
+from segens.conventions.dice import dice_from_counts  # noqa: E402
 from segens.ensemble.evaluate import (
     BoxedMask,
     Prediction,
@@ -36,7 +36,7 @@ from segens.ensemble.evaluate import (
     truth_masks,
 )
 from segens.errors import SegensError  # noqa: E402
-from segens.rle import BBox  # noqa: E402
+from segens.conventions.rle import BBox  # noqa: E402
 
 PALETTE: tuple[str, ...] = (
     # finger-1 .. finger-19
@@ -45,7 +45,7 @@ PALETTE: tuple[str, ...] = (
     # Trapezium, Trapezoid, Capitate, Hamate, Scaphoid, Lunate, Triquetrum, Pisiform, Radius, Ulna
     "#00e5a0", "#ff9f00", "#ff4fa3", "#00a0ff", "#8fd14f", "#d291ff", "#ffee58", "#ff5a36", "#a3c9ff", "#ffc0ff",
 )
-"""One bright colour per class (index of segens.classes.CLASSES), readable on a dark X-ray; never changes."""
+"""One bright colour per class (index of segens.conventions.classes.CLASSES), readable on a dark X-ray; never changes."""
 
 FALSE_POSITIVE = "#ff1f8e"  # magenta: predicted, not true
 FALSE_NEGATIVE = "#00c2ff"  # cyan: true, missed

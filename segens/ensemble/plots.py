@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from segens.classes import CLASSES  # noqa: E402
+from segens.conventions.classes import CLASSES  # noqa: E402
 
 
 def plot_search_report(report, out: str | Path) -> Path:

@@ -23,10 +23,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from segens.atomic import atomic_write_text
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.infra.atomic import atomic_write_text
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
-from segens.safeload import load_json, validate
+from segens.infra.safeload import load_json, validate
 
 RECIPE_VERSION = 1
 STRATEGIES = ("soft", "weighted", "hard")
@@ -152,7 +152,7 @@ def recipe_from_dict(document: Any, where: str) -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read (bounded, UTF-8, see segens.safeload) and validate recipe.json."""
+    """Read (bounded, UTF-8, see segens.infra.safeload) and validate recipe.json."""
     path = Path(path)
     return recipe_from_dict(load_json(path, "recipe", MAX_RECIPE_BYTES), str(path))
 

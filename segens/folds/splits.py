@@ -26,10 +26,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from segens.atomic import atomic_write_text
-from segens.dataset import ImageRecord, discover
+from segens.infra.atomic import atomic_write_text
+from segens.conventions.dataset import ImageRecord, discover
 from segens.errors import SegensError
-from segens.safeload import load_json, validate
+from segens.infra.safeload import load_json, validate
 
 VERSION = 1
 METHODS = ("group", "stratified-group")
@@ -45,7 +45,7 @@ _REMAKE = "re-run `ens folds make`"
 
 
 def patient_of(key: str) -> str:
-    """The patient folder of an image key, as :attr:`segens.dataset.ImageRecord.patient` defines it."""
+    """The patient folder of an image key, as :attr:`segens.conventions.dataset.ImageRecord.patient` defines it."""
     return key.split("/", 1)[0]
 
 
@@ -180,7 +180,7 @@ def stratify_patients(
 ) -> tuple[list[str], dict[str, str]]:
     """Bin each patient's ``column`` value (from the metadata file) for stratification: the bins in order and
     patient -> bin; patients without a usable value get the ``unknown`` bin, and ``notes`` says which."""
-    from segens.metadata import read_metadata
+    from segens.conventions.metadata import read_metadata
 
     frame, metadata_notes = read_metadata(metadata)
     notes.extend(_relevant_notes(metadata_notes, metadata, column))
@@ -208,7 +208,7 @@ def stratify_patients(
 
 def _relevant_notes(notes: list[str], metadata: Path, column: str) -> list[str]:
     """The metadata notes, less those about columns that ``column`` does not use."""
-    from segens.metadata import ENGLISH_COLUMNS
+    from segens.conventions.metadata import ENGLISH_COLUMNS
 
     used = {"weight", "height"} if column == "bmi" else {column}
     unused = [f"{metadata.name}: {name}:" for name in ENGLISH_COLUMNS if name not in used | {"ID"}]
@@ -297,7 +297,7 @@ def load_folds(path: str | Path, root: str | Path | None = None) -> Folds:
 
 
 def _read_json(path: Path) -> dict:
-    """The folds.json document: bounded, UTF-8 (BOM accepted), nesting-limited (segens.safeload)."""
+    """The folds.json document: bounded, UTF-8 (BOM accepted), nesting-limited (segens.infra.safeload)."""
     if not path.exists():
         raise SegensError(f"{path}: folds file not found; make one with `ens folds make ROOT --out {path}`")
     try:

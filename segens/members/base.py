@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from segens.dataset import ImageRecord
+from segens.conventions.dataset import ImageRecord
 from segens.members.spec import Checkpoint, MemberSpec
 
 
@@ -41,7 +41,7 @@ class Member(Protocol):
 
     def read_image(self, path: Path) -> np.ndarray:
         """An image as the member's input contract reads it: (H, W) or (H, W, 3) uint8 (optional: without it,
-        segens.dataset.read_image's grayscale is used)."""
+        segens.conventions.dataset.read_image's grayscale is used)."""
         ...
 
     def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:

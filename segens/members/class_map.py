@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 
 

@@ -118,7 +118,7 @@ class InputContract:
     # ---- pixels -----------------------------------------------------------------------------------------------
     def read(self, path: str | Path) -> np.ndarray:
         """A PNG as this contract sees it: (H, W) uint8 for gray, (H, W, 3) uint8 in rgb or bgr order."""
-        from segens.dataset import read_image
+        from segens.conventions.dataset import read_image
 
         return read_image(path, self.color)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from segens.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 from segens.members.class_map import class_permutation, names_from
-from segens.safeload import torch_load_data, torch_load_pickle
+from segens.infra.safeload import torch_load_data, torch_load_pickle
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DUMMY_SIDE = 256
@@ -55,7 +55,7 @@ def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
         return _with_spec(path, Path(spec_path), trust_pickle)
     if path.is_dir():
         return _pretrained(path)
-    from segens.members.torch_member import is_torchscript
+    from segens.members.kinds.torch_member import is_torchscript
 
     if is_torchscript(path):
         import warnings
@@ -106,7 +106,7 @@ def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointRep
 def _pretrained(path: Path) -> CheckpointReport:
     import segmentation_models_pytorch as smp
 
-    from segens.members.smp import pretrained_class_names
+    from segens.members.kinds.smp import pretrained_class_names
 
     try:
         config = json.loads((path / "config.json").read_text())
@@ -119,7 +119,7 @@ def _pretrained(path: Path) -> CheckpointReport:
 
 
 def _weights(path: Path, payload: Any) -> CheckpointReport:
-    from segens.members.smp import CHECKPOINT_FORMAT, checkpoint_model, recorded_input
+    from segens.members.kinds.smp import CHECKPOINT_FORMAT, checkpoint_model, recorded_input
 
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         module = checkpoint_model(payload, path)
@@ -130,7 +130,7 @@ def _weights(path: Path, payload: Any) -> CheckpointReport:
             report.spec["model"] = {"architecture": payload["architecture"], "encoder": payload["encoder"],
                                     "options": payload["options"]}
         return _describe_module(report, module, names_from(payload.get("classes")))
-    from segens.members.torch_member import _state_dict
+    from segens.members.kinds.torch_member import _state_dict
 
     state = _state_dict(payload, path)
     report = CheckpointReport(path, f"state_dict ({len(state)} tensors)", kind=None,

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segens.classes import NUM_CLASSES
+from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
 from segens.members.class_map import channel_order
-from segens.members.postprocess import passes_to_uint8, passes_to_uint8_torch
+from segens.members.decode import passes_to_uint8, passes_to_uint8_torch
 from segens.members.spec import MemberSpec
-from segens.members.store import quantize
+from segens.store import quantize
 
 OUTPUT_TYPES = ("logits", "probabilities")
 

@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from segens.backend import (check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options,
-                            worker_count)
-from segens.dataset import ImageRecord, discover, read_image
+from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend, worker_count
+from segens.store.location import shared_location, store_options
+from segens.conventions.dataset import ImageRecord, discover, read_image
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.registry import factory
 from segens.members.spec import MemberSpec, load_spec, sha256_of
-from segens.members.store import ProbabilityStore, create_store, quantize
-from segens.outputs import Output, check_outputs
-from segens.progress import progress_bar
+from segens.store import ProbabilityStore, create_store, quantize
+from segens.infra.outputs import Output, check_outputs
+from segens.infra.progress import progress_bar
 
 CHUNKS_PER_WORKER = 4
 """The parallel path splits the images to do into about this many chunks per worker (whole batches each)."""
@@ -142,7 +142,7 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     """Predict a split into the store at ``out`` (created, or resumed if it has the same identity).
 
     ``backend="local"`` with ``jobs=1`` predicts in this process; ``jobs > 1`` in joblib processes, and
-    ``backend="dask"`` on the workers of the Dask scheduler at ``scheduler`` (see segens.backend). In parallel,
+    ``backend="dask"`` on the workers of the Dask scheduler at ``scheduler`` (see segens.infra.backend). In parallel,
     each worker process builds the member once (one model copy, on its own GPU with ``device="auto"``) and writes
     its images straight into the store, so ``out`` must be reachable from every worker (a shared file system or
     a URL such as s3://bucket/m.oof.zarr opened with ``storage_options``); the data root, spec and checkpoints

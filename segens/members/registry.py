@@ -13,8 +13,8 @@ from typing import Any
 from segens.errors import SegensError
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
-BUILTIN_KINDS = {"smp": "segens.members.smp", "yolo": "segens.members.yolo", "csv": "segens.members.csv_member",
-                 "torch": "segens.members.torch_member"}
+BUILTIN_KINDS = {"smp": "segens.members.kinds.smp", "yolo": "segens.members.kinds.yolo", "csv": "segens.members.kinds.csv_member",
+                 "torch": "segens.members.kinds.torch_member"}
 
 
 def register(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

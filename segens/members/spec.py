@@ -15,7 +15,7 @@ checkpoints:                   # fold -> checkpoint, relative to this file's fol
 ```
 
 Version-1 specs (``input_size: 512`` instead of ``input``) are still read; version 2 is written. The document is
-read with segens.safeload (bounded size, nesting and alias expansion) and validated by a strict pydantic model.
+read with segens.infra.safeload (bounded size, nesting and alias expansion) and validated by a strict pydantic model.
 See segens.members.input_contract for the ``input`` fields.
 """
 
@@ -31,10 +31,10 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from segens.atomic import atomic_write_text
+from segens.infra.atomic import atomic_write_text
 from segens.errors import SegensError
 from segens.members.input_contract import MAX_SIDE, InputContract
-from segens.safeload import check_name, load_yaml, validate
+from segens.infra.safeload import check_name, load_yaml, validate
 
 SPEC_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -280,7 +280,7 @@ def spec_from_dict(document: Any, where: str, path: Path | None = None) -> Membe
 
 
 def load_spec(path: str | Path) -> MemberSpec:
-    """Read and validate a member spec YAML file (bounded: see segens.safeload)."""
+    """Read and validate a member spec YAML file (bounded: see segens.infra.safeload)."""
     path = Path(path)
     return spec_from_dict(load_yaml(path, "member spec"), str(path), path)
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from joblib import Parallel, delayed
 
-from segens.backend import check_jobs
-from segens.dataset import discover
+from segens.infra.backend import check_jobs
+from segens.conventions.dataset import discover
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
 from segens.members.base import FoldResult
 from segens.members.registry import factory
 from segens.members.spec import load_spec, save_spec
-from segens.outputs import Output, check_outputs
+from segens.infra.outputs import Output, check_outputs
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
-from segens.classes import CLASSES
+from segens.conventions.classes import CLASSES
 
 FOREARM = ("Radius", "Ulna")
 CARPALS = ("Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum", "Pisiform")

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segens.atomic import atomic_write
-from segens.dataset import ImageRecord
+from segens.infra.atomic import atomic_write
+from segens.conventions.dataset import ImageRecord
 from segens.errors import SegensError
-from segens.labels import check_points_inside, parse_label_json, rasterize
-from segens.progress import progress_bar
+from segens.conventions.labels import check_points_inside, parse_label_json, rasterize
+from segens.infra.progress import progress_bar
 
 
 class Contract(Protocol):

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from rich.progress import TextColumn
 
-from segens.atomic import atomic_write, atomic_write_text
-from segens.dataset import ImageRecord
-from segens.dice import DiceTable, dice_per_class
+from segens.infra.atomic import atomic_write, atomic_write_text
+from segens.conventions.dataset import ImageRecord
+from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
-from segens.progress import console, progress_bar
-from segens.safeload import torch_load_data, torch_load_pickle
+from segens.infra.progress import console, progress_bar
+from segens.infra.safeload import torch_load_data, torch_load_pickle
 from segens.training.augment import Augment
 from segens.training.data import CachedImage, CachedImages, Contract, LabelledImages, cache_records
 from segens.training.losses import WeightedLoss
@@ -62,7 +62,7 @@ class NetworkRecipe:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through segens.atomic: a reader never sees half a file."""
+    """``torch.save`` through segens.infra.atomic: a reader never sees half a file."""
     with atomic_write(path, "wb") as handle:
         torch.save(obj, handle)
 

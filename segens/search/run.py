@@ -11,20 +11,21 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from segens.backend import check_backend, check_jobs, n_jobs, parallel_backend, shared_location, store_options
-from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import discover
+from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
+from segens.store.location import shared_location, store_options
+from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.dataset import discover
 from segens.ensemble.combine import check_stores
-from segens.ensemble.evidence import ClassEvidence, threshold_grid
-from segens.ensemble.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
+from segens.search.evidence import ClassEvidence, threshold_grid
+from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
 from segens.ensemble.recipe import Recipe, save_recipe
-from segens.ensemble.search import ClassResult, SearchReport, search_class
-from segens.ensemble.search_resume import FinishedClasses, partial_root, search_key
+from segens.search.class_search import ClassResult, SearchReport, search_class
+from segens.search.resume import FinishedClasses, partial_root, search_key
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
-from segens.members.store import ProbabilityStore, open_store
-from segens.outputs import Output, check_outputs
-from segens.progress import progress_bar
+from segens.store import ProbabilityStore, open_store
+from segens.infra.outputs import Output, check_outputs
+from segens.infra.progress import progress_bar
 
 METHODS = ("grid", "caruana")
 MAX_GRID_CANDIDATES = 50_000

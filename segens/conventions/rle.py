@@ -14,7 +14,7 @@ import warnings
 import numba
 import numpy as np
 
-from segens.classes import CLASSES
+from segens.conventions.classes import CLASSES
 from segens.errors import SegensError
 
 BBox = tuple[int, int, int, int]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from segens.errors import SegensError
+from segens.infra.locations import is_url, local_path
 
 Kind = Literal["file", "store", "folder"]
 
@@ -30,21 +31,6 @@ class Output:
     kind: Kind = "file"
     option: str = "--out"
     resumable: bool = False
-
-
-def is_url(path: str | Path) -> bool:
-    """Whether ``path`` is an fsspec URL such as s3://bucket/x.zarr (file:// URLs are local paths)."""
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def local_path(path: str | Path) -> Path | None:
-    """The absolute local path of ``path`` (``file://`` stripped), or None for a remote URL."""
-    text = str(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    if is_url(text):
-        return None
-    return Path(os.path.abspath(Path(text).expanduser()))
 
 
 def is_store(path: str | Path) -> bool:

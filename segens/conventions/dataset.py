@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from segens.errors import SegensError
-from segens.labels import read_label_mask
+from segens.conventions.labels import read_label_mask
 
 IMAGE_DIR = "DCM"
 LABEL_DIR = "outputs_json"

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segens.classes import NUM_CLASSES
+from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
-from segens.members.store import quantize
-from segens.rle import BBox, bbox
+from segens.store import quantize, quantize_torch
+from segens.conventions.rle import BBox, bbox
 
 ZERO_LOGIT = math.log(0.5 / 254.5) - 1e-3
 """An output pixel whose 4 source logits are below this quantizes to 0 (sigmoid(x) * 255 < 0.5); the 1e-3
@@ -186,14 +186,18 @@ def _crop(span: tuple[int, int], size_in: int, step_in: int, step_out: int) -> t
     return i0, i1, i0 // step_in * step_out
 
 
-def _sigmoid(values: torch.Tensor) -> np.ndarray:
-    """float32 sigmoid of a 2-D tensor as numpy, every element through the vectorized kernel."""
+def padded_sigmoid(values: torch.Tensor) -> torch.Tensor:
+    """float32 sigmoid of a tensor, every element through torch's vectorized kernel as in a full-size plane (the
+    buffer is padded to a multiple of 64 elements, so that no element takes the scalar tail's rounding)."""
     count = values.numel()
-    buffer = torch.empty(-(-count // _SIGMOID_BLOCK) * _SIGMOID_BLOCK, dtype=torch.float32)
+    buffer = values.new_zeros(-(-count // _SIGMOID_BLOCK) * _SIGMOID_BLOCK)
     buffer[:count] = values.reshape(-1)
-    buffer[count:] = 0
-    torch.sigmoid(buffer, out=buffer)
-    return buffer[:count].numpy().reshape(values.shape)
+    return buffer.sigmoid_()[:count].view(values.shape)
+
+
+def _sigmoid(values: torch.Tensor) -> np.ndarray:
+    """``padded_sigmoid`` of a 2-D float32 CPU tensor, as numpy."""
+    return padded_sigmoid(values).numpy()
 
 
 # ---- the device path: the same torch code on CUDA or (for tests) CPU tensors ----------------------------------
@@ -220,13 +224,6 @@ def passes_to_uint8_torch(passes: list[torch.Tensor], height: int, width: int, w
     values = quantize_torch(total)  # finite: every pass was checked by _check_logits
     del total
     return copy_boxes(values)
-
-
-def quantize_torch(probabilities: torch.Tensor) -> torch.Tensor:
-    """float32 probabilities (any shape, any device) -> uint8 ``round(clip(p, 0, 1) * 255)``, half to even: the
-    values of ``store.quantize``."""
-    scaled = probabilities.clamp_(0, 1).mul_(np.float32(255.0))
-    return torch.round(scaled).to(torch.uint8)
 
 
 def copy_boxes(values: torch.Tensor) -> tuple[np.ndarray, list[BBox | None]]:

@@ -20,11 +20,11 @@ from functools import cached_property
 import numba
 import numpy as np
 
-from segens.dataset import ImageRecord
-from segens.dice import dice_from_counts
+from segens.conventions.dataset import ImageRecord
+from segens.conventions.dice import dice_from_counts
 from segens.ensemble.combine import union_box
-from segens.labels import read_label_mask
-from segens.members.store import ProbabilityStore
+from segens.conventions.labels import read_label_mask
+from segens.store import ProbabilityStore
 
 THRESHOLDS = (np.arange(255, dtype=np.float64) + 0.5) / 255  # midpoints between quantization levels; 0.5 is one
 SAFETY = 0.01  # in quantization steps: keeps float32 rounding of s from crossing a fixed pixel's side

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from segens.atomic import atomic_write
-from segens.classes import CLASS_TO_INDEX, CLASSES
+from segens.infra.atomic import atomic_write
+from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
 from segens.errors import SegensError
 
 HEADER = ("image_name", "class", "rle")

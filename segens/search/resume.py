@@ -24,13 +24,13 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pydantic
 
-from segens.atomic import atomic_write_text
-from segens.classes import NUM_CLASSES
+from segens.infra.atomic import atomic_write_text
+from segens.conventions.classes import NUM_CLASSES
 from segens.ensemble.recipe import POSTPROCESSING
-from segens.ensemble.search import LEVELS, ClassResult, Choice
+from segens.search.class_search import LEVELS, ClassResult, Choice
 from segens.errors import SegensError
-from segens.members.store import ProbabilityStore
-from segens.safeload import load_json, validate
+from segens.store import ProbabilityStore
+from segens.infra.safeload import load_json, validate
 
 FORMAT = 4  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
 #   3: the level kept by the no-loss rule, evidence batches beside the classes; 4: each fold's recipe figure from

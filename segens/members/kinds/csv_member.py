@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from segens.dataset import ImageRecord, image_size
+from segens.conventions.dataset import ImageRecord, image_size
 from segens.errors import SegensError
 from segens.members.registry import register
 from segens.members.spec import MemberSpec, sha256_of
-from segens.rle import decode_stack
-from segens.submission import Submission, read_submission
+from segens.conventions.rle import decode_stack
+from segens.conventions.submission import Submission, read_submission
 
 SPLIT_FIELDS = ("oof", "test")
 IDENTITY_FORMAT = "segens-csv-member/1"

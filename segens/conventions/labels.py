@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from segens.classes import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
+from segens.conventions.classes import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
 from segens.errors import SegensError
-from segens.safeload import load_json, parse_json, validate
+from segens.infra.safeload import load_json, parse_json, validate
 
 MAX_LABEL_BYTES = 64 << 20
 """Largest label file read; the competition's are a few hundred KB."""
@@ -51,7 +51,7 @@ def parse_label_json(path: str | Path, text: str | bytes | None = None) -> Polyg
     """Read one label file (or its ``text``) into class -> (N, 2) int32 points; every class exactly once, finite
     coordinates, at least 3 points, or a SegensError naming the file (and annotation and class).
 
-    Read through segens.safeload: at most MAX_LABEL_BYTES, UTF-8 (BOM accepted), nesting and size bounded."""
+    Read through segens.infra.safeload: at most MAX_LABEL_BYTES, UTF-8 (BOM accepted), nesting and size bounded."""
     path = Path(path)
     if text is None:
         raw = load_json(path, "label file", MAX_LABEL_BYTES)

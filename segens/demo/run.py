@@ -20,7 +20,7 @@ from rich.console import Console
 
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
-from segens.ensemble.search_weights import search_weights
+from segens.search.run import search_weights
 from segens.folds.splits import make_folds, save_folds
 from segens.members.train import train_member
 from segens.members.predict import predict_member
@@ -234,7 +234,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu")
 def _overlay(root: Path, out: Path) -> str | None:
     """An overlay of the weighted submission on the first test image, when the overlay module is available."""
     try:
-        from segens.dataset import discover
+        from segens.conventions.dataset import discover
         from segens.ensemble.overlay import draw_overlay
     except ImportError:
         return None

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from segens.atomic import atomic_write
-from segens.classes import NUM_CLASSES
-from segens.dataset import ImageRecord
-from segens.ensemble.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
-from segens.members.store import ProbabilityStore
+from segens.infra.atomic import atomic_write
+from segens.conventions.classes import NUM_CLASSES
+from segens.conventions.dataset import ImageRecord
+from segens.search.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
+from segens.store import ProbabilityStore
 
 STORED = tuple("rows_of_image" if name == "image" else name for name in FIELDS)
 """What a batch file holds per class: the fields, with each image's row count in place of each row's image."""

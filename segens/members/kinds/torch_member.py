@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
-from segens.dataset import ImageRecord
+from segens.conventions.dataset import ImageRecord
 from segens.errors import SegensError
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
 from segens.members.network import OUTPUT_TYPES, LoadedModel, NetworkMember, load_weights
 from segens.members.registry import register
 from segens.members.spec import MemberSpec
-from segens.safeload import torch_load_data, torch_load_pickle
+from segens.infra.safeload import torch_load_data, torch_load_pickle
 
 MODEL_FIELDS = ("factory", "kwargs", "output", "format", "stride")
 FORMATS = ("auto", "torchscript", "state_dict", "pickle")

@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from segens.classes import CLASSES, NUM_CLASSES
-from segens.dataset import ImageRecord, read_record_mask
-from segens.dice import DiceTable, dice_per_class
+from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.dataset import ImageRecord, read_record_mask
+from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
 from segens.members.network import LoadedModel, NetworkMember, average_passes, load_weights
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
-from segens.safeload import torch_load_data, torch_load_pickle
+from segens.infra.safeload import torch_load_data, torch_load_pickle
 from segens.training.loop import NetworkRecipe, train_network_fold
 from segens.training.settings import TRAIN_FIELDS, parse_settings
 

@@ -10,7 +10,7 @@ Per class (classes are independent: the score is a mean over classes):
 - ``soft``: equal weights, the threshold only. ``hard``: unit votes; per-member thresholds by coordinate
   ascent for each vote count 1..M.
 - post-processing (largest component, hole filling) is kept only where it raises the class's Dice.
-Candidates are scored exactly on compact evidence (segens.ensemble.evidence). Ties go to the earlier
+Candidates are scored exactly on compact evidence (segens.search.evidence). Ties go to the earlier
 candidate (equal weights first) and the threshold nearest 0.5. With ``cv`` the whole procedure is repeated
 with each fold's images held out and scored on them, against the plain mean and the best single member
 (each at 0.5, the best member chosen on the training folds), and the recipe of each class falls back to a
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segens.dice import dice_from_counts
+from segens.conventions.dice import dice_from_counts
 from segens.ensemble.combine import normalise_weights
-from segens.ensemble.evidence import ClassEvidence, hard_dice, hard_kept, image_masks, weighted_dice, weighted_kept
-from segens.ensemble.postprocess import apply_postprocessing
+from segens.search.evidence import ClassEvidence, hard_dice, hard_kept, image_masks, weighted_dice, weighted_kept
+from segens.ensemble.morphology import apply_postprocessing
 
 VARIANTS = ([], ["largest_component"], ["fill_holes"], ["largest_component", "fill_holes"])
 HALF = 127  # index of threshold 0.5 among the 255 midpoints

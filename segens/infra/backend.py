@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from segens.errors import SegensError
-from segens.safeload import parse_json
+from segens.infra.safeload import parse_json
 
 BACKENDS = ("local", "dask")
 STORAGE_OPTIONS_ENV = "SEGENS_STORAGE_OPTIONS"
@@ -116,20 +115,6 @@ def worker_count(client: Any, jobs: int) -> int:
     return jobs if client is None else max(1, sum(client.nthreads().values()))
 
 
-def is_url(location: str | Path) -> bool:
-    """Whether a store location is an fsspec URL (``s3://...``) rather than a local path."""
-    return "://" in str(location) and not str(location).startswith("file://")
-
-
-def shared_location(location: str | Path, backend: str) -> str:
-    """A store location as workers must see it: URLs unchanged; with Dask, local paths made absolute (a worker's
-    working directory is not the client's)."""
-    location = str(location)
-    if backend == "local" or "://" in location:
-        return location
-    return str(Path(location).resolve())
-
-
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     """fsspec storage options from JSON text (``--storage-options`` or ``$SEGENS_STORAGE_OPTIONS``), e.g.
     ``{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``; None for None or empty text."""
@@ -143,12 +128,3 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     if not isinstance(options, dict):
         raise SegensError(f"storage options must be a JSON object, got {type(options).__name__}: {text!r}")
     return options
-
-
-def store_options(location: str | Path, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The storage options to open one store with: None for a local path (options are for URLs only); for a URL
-    the given options with directory listings never cached (``use_listings_cache: False``, unless set), since
-    other processes (the workers) add images that a cached listing of this process would not show."""
-    if not is_url(location):
-        return None
-    return {"use_listings_cache": False, **(storage_options or {})}

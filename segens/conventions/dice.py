@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segens.classes import CLASSES
+from segens.conventions.classes import CLASSES
 
 EPSILON = 1e-4
 
