@@ -1,7 +1,7 @@
 """The exact weight search of ``ens search-weights`` against brute force at full resolution, per class.
 
 ours:        segens.search.evidence.extract_class (one read of each image's class region, fixed pixels counted
-             once, ambiguous pixels kept) + WeightedSearch.scores for every candidate: (candidates, 255) Dice.
+             once, ambiguous pixels kept) + ClassScorer.scores for every candidate: (candidates, 255) Dice.
 brute force: per image, each member's full 2048x2048 class map read as float32 (p = v / 255) and the full
              ground truth, once; then per candidate and image the weighted sum exactly as combine computes it
              (float32, member order, normalise_weights) and all 255 thresholds at once by a sorted count
@@ -49,9 +49,12 @@ from common import (  # noqa: E402
 from segens.conventions.classes import CLASSES, class_index  # noqa: E402
 from segens.conventions.dataset import ImageRecord  # noqa: E402
 from segens.conventions.dice import dice_from_counts  # noqa: E402
-from segens.ensemble.combine import normalise_weights  # noqa: E402
+from segens.voting.rules import normalise_weights  # noqa: E402
 from segens.search.evidence import ClassEvidence, class_truth, extract_class, threshold_grid  # noqa: E402
-from segens.search.class_search import Subsets, WeightedSearch, _best, base_candidates  # noqa: E402
+from segens.search.levels import Subsets  # noqa: E402
+from segens.search.scorer import ClassScorer  # noqa: E402
+from segens.voting.base import best_cell  # noqa: E402
+from segens.voting.mean import base_candidates  # noqa: E402
 
 DEFAULT_CLASSES = ("finger-4", "Capitate", "Radius")  # a finger bone, a carpal bone, the radius
 
@@ -63,7 +66,7 @@ def ours(stores: Sequence, records: Sequence[ImageRecord], channel: int, candida
          thresholds: np.ndarray) -> tuple[np.ndarray, ClassEvidence, float]:
     """(C, K) mean Dice of every candidate and threshold, the evidence, and the seconds extraction took."""
     extract_seconds, evidence = timed(extract_class, stores, records, channel, thresholds)
-    search = WeightedSearch(evidence, Subsets(["all"], np.ones((1, len(records)), bool)), thresholds)
+    search = ClassScorer(evidence, Subsets(["all"], np.ones((1, len(records)), bool)), thresholds)
     return np.stack([search.scores(weights)[0] for weights in candidates]), evidence, extract_seconds
 
 
@@ -189,13 +192,13 @@ def compare_class(data: BenchData, stores: Sequence, channel: int, candidates: n
                                                              thresholds)
         ours_times.append(elapsed)
         extract_times.append(extract_seconds)
-        best = _best(scores)
+        best = best_cell(scores)
         subset = subset_of(len(candidates), brute_wanted, best[0]) if subset is None else subset
         brute, read_seconds, per_candidate = brute_force(data.stores, data.records, channel, candidates[subset],
                                                          thresholds)
         if not np.array_equal(scores[subset], brute):
             raise AssertionError(f"{CLASSES[channel]}: scores differ from brute force")
-        brute_best = _best(brute)
+        brute_best = best_cell(brute)
         if (subset[brute_best[0]], brute_best[1]) != best:
             raise AssertionError(f"{CLASSES[channel]}: brute force chooses another candidate")
         measured.append(read_seconds + sum(per_candidate))

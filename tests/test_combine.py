@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.ensemble.combine import combine, parse_weights
-from segens.ensemble.recipe import Recipe, save_recipe
+from segens.voting.recipe import Recipe, save_recipe
 from segens.errors import SegensError
 from segens.store import create_store, open_store
 from segens.reference import reference_combine, reference_encode

@@ -25,8 +25,9 @@ from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
 from segens.conventions.dataset import MAX_IMAGE_SIDE, discover, image_size, read_image
 from segens.ensemble.combine import combine, parse_weights, resolve_settings
-from segens.ensemble.recipe import Recipe, load_recipe
-from segens.search.run import MAX_GRID_CANDIDATES, check_grid_size, search_weights
+from segens.voting.recipe import Recipe, load_recipe
+from segens.search.run import search_weights
+from segens.voting.mean import MAX_GRID_CANDIDATES, check_grid_size
 from segens.errors import SegensError
 from segens.folds.splits import load_folds, make_folds, save_folds
 from segens.conventions.labels import parse_label_json
@@ -245,7 +246,7 @@ def test_weights_and_settings_in_the_library(stores) -> None:
 
 
 def load_recipe_from(document: dict) -> Recipe:
-    from segens.ensemble.recipe import recipe_from_dict
+    from segens.voting.recipe import recipe_from_dict
 
     return recipe_from_dict(document, "in memory")
 

@@ -23,8 +23,12 @@ from segens.cli import app
 from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
-from segens.search.evidence import extract_class, hard_dice, threshold_grid
-from segens.search.class_search import WeightedSearch, _best, base_candidates, make_subsets
+from segens.search.evidence import extract_class, threshold_grid
+from segens.search.kernels import hard_dice
+from segens.search.levels import make_subsets
+from segens.search.scorer import ClassScorer as WeightedSearch
+from segens.voting.base import best_cell as _best
+from segens.voting.mean import base_candidates
 from segens.search import run as search_weights_module
 from segens.search.run import search_weights
 from segens.folds.splits import make_folds, save_folds
@@ -459,8 +463,10 @@ def test_jobs_2_writes_the_same_recipe_as_jobs_1(project: Path, tmp_path: Path) 
 def test_masks_rebuilt_from_evidence_equal_combines(project: Path, strategy: str) -> None:
     """Post-processing is scored on masks rebuilt from the evidence (always-positive bits + kept ambiguous
     pixels); for every image they equal combine's mask of the same settings, pixel for pixel."""
-    from segens.ensemble.combine import Settings, class_mask
-    from segens.search.evidence import hard_kept, image_masks, weighted_kept
+    from segens.ensemble.combine import class_mask
+    from segens.search.evidence import image_masks
+    from segens.voting.base import Settings
+    from segens.voting.rules import hard_keep, weighted_keep
 
     stores = stores_of(project)
     records = discover(project / "data", "train").records
@@ -472,12 +478,12 @@ def test_masks_rebuilt_from_evidence_equal_combines(project: Path, strategy: str
         if strategy == "weighted":
             weights[channel] = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
             thresholds[channel] = THRESHOLDS[101]
-            kept = weighted_kept(evidence, weights[channel], thresholds[channel])
+            kept = weighted_keep(list(evidence.values), weights[channel], thresholds[channel])
             min_votes = None
         else:
             member_thresholds[channel] = THRESHOLDS[[40, 127, 200, 90]]
             min_votes = np.full(NUM_CLASSES, 2.0)
-            kept = hard_kept(evidence, member_thresholds[channel], 2.0)
+            kept = hard_keep(list(evidence.values), np.ones(4), member_thresholds[channel], 2.0, 4.0)
         settings = Settings(strategy, weights, thresholds, member_thresholds, min_votes)
         present = np.ones(4, bool)
         for record, made in zip(records, image_masks(evidence, kept)):
@@ -491,7 +497,7 @@ def test_masks_rebuilt_from_evidence_equal_combines(project: Path, strategy: str
 
 
 def test_fill_holes_equals_scipys() -> None:
-    from segens.ensemble.morphology import fill_holes
+    from segens.voting.morphology import fill_holes
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -500,7 +506,7 @@ def test_fill_holes_equals_scipys() -> None:
 
 
 def test_choose_level_needs_more_than_a_standard_error() -> None:
-    from segens.search.class_search import choose_level
+    from segens.search.levels import choose_level
 
     plain = np.array([0.95, 0.96, 0.94, 0.95, 0.96])
     assert choose_level({"plain": plain, "threshold": plain + 0.001, "searched": plain + 0.002}) == "searched"
@@ -513,7 +519,7 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
 def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project: Path, tmp_path: Path) -> None:
     """Each fold's recipe figure is the level the rule picks on the other folds; the recipe itself keeps the level
     picked on all folds. Picking on the scored folds too would flatter the estimate (it does here)."""
-    from segens.search.class_search import LEVELS, choose_level
+    from segens.search.levels import LEVEL_NAMES as LEVELS, choose_level
 
     report = search_weights([str(project / "sharp.oof.zarr")], project / "data", project / "folds.json",
                             tmp_path / "r.json", strategy="soft", step=0.25, cv=True, progress=False)

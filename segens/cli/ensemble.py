@@ -94,7 +94,7 @@ def search_weights(
     from rich.table import Table
 
     from segens.infra.backend import parse_storage_options
-    from segens.search.run import report_rows
+    from segens.search.report import report_rows, write_report_csv
     from segens.search.run import search_weights as run
 
     from segens.infra.outputs import Output
@@ -114,13 +114,7 @@ def search_weights(
     output.print("mean over classes: " + ", ".join(f"{name} {value:.4f}" for name, value in summary.items()))
     output.print(f"[bold]{report.verdict()}[/]")
     if report_csv is not None:
-        import pandas as pd
-
-        from segens.infra.atomic import atomic_write
-
-        with atomic_write(report_csv) as handle:
-            pd.DataFrame(rows).to_csv(handle, index=False)
-        output.print(f"report: {report_csv}")
+        output.print(f"report: {write_report_csv(rows, report_csv)}")
     if plot is not None:
         from segens.ensemble.plots import plot_search_report
 

@@ -21,7 +21,7 @@ from segens.conventions.dataset import ImageRecord, discover, image_size
 from segens.conventions.dice import DiceTable, dice_from_counts
 from segens.errors import SegensError
 from segens.conventions.labels import check_points_inside, parse_label_json
-from segens.store import ProbabilityStore, open_store
+from segens.store import LEVELS, ProbabilityStore, open_store
 from segens.infra.progress import progress_bar
 from segens.conventions.rle import BBox, decode_box
 from segens.conventions.submission import Submission, read_submission
@@ -63,7 +63,7 @@ def truth_masks(record: ImageRecord, size: tuple[int, int]) -> list[BoxedMask]:
 
 def keep_table(threshold: float) -> np.ndarray:
     """(256,) bool: which stored uint8 values v are kept, v / 255 > threshold computed in float32 (as combine)."""
-    return np.arange(256, dtype=np.float32) / np.float32(255) > np.float32(threshold)
+    return LEVELS > np.float32(threshold)
 
 
 def check_threshold(threshold: float) -> None:

@@ -1,5 +1,5 @@
-"""The exact, compact evaluator behind ``ens search-weights``: one class's OOF evidence and the Dice of any
-candidate (weights and threshold, or hard-voting thresholds) on it.
+"""One class's OOF evidence, the compact form ``ens search-weights`` scores every candidate on (weights and
+threshold, or hard-voting thresholds; the kernels are in segens.search.kernels).
 
 Why it is exact and fast: a candidate is (member weights w on the simplex, threshold t from a fixed set T),
 and a pixel is kept when s = sum_m w_m * v_m / 255 > t, computed in float32 exactly as ``ens combine`` does.
@@ -17,13 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-import numba
 import numpy as np
 
 from segens.conventions.dataset import ImageRecord
-from segens.conventions.dice import dice_from_counts
-from segens.ensemble.combine import union_box
 from segens.conventions.labels import read_label_mask
+from segens.ensemble.stores import union_box
 from segens.store import ProbabilityStore
 
 THRESHOLDS = (np.arange(255, dtype=np.float64) + 0.5) / 255  # midpoints between quantization levels; 0.5 is one
@@ -213,23 +211,6 @@ def extract_class(stores: Sequence[ProbabilityStore], records: Sequence[ImageRec
     return extract_classes(stores, records, [channel], thresholds)[channel]
 
 
-def weighted_kept(evidence: ClassEvidence, weights: np.ndarray, threshold: np.float32) -> np.ndarray:
-    """(R,) bool: the rows kept by float32 ``weights`` at ``threshold``, summed as combine sums."""
-    total = np.zeros(evidence.truth.size, np.float32)
-    for member in range(evidence.members):
-        total += weights[member] * (evidence.values[member].astype(np.float32) / np.float32(255))
-    return total > threshold
-
-
-def hard_kept(evidence: ClassEvidence, member_thresholds: np.ndarray, min_votes: float) -> np.ndarray:
-    """(R,) bool: the rows with at least ``min_votes`` unit votes (a member votes when p > its float32
-    threshold), as combine counts them."""
-    votes = np.zeros(evidence.truth.size, np.float64)
-    for member in range(evidence.members):
-        votes += evidence.values[member].astype(np.float32) / np.float32(255) > member_thresholds[member]
-    return votes >= min_votes
-
-
 def image_masks(evidence: ClassEvidence, kept: np.ndarray):
     """Per image: (box mask of a candidate whose rows ``kept`` says, truth in the box) or None for an image
     without a box; the mask equals what combine makes before post-processing."""
@@ -244,97 +225,3 @@ def image_masks(evidence: ClassEvidence, kept: np.ndarray):
         chosen = slice(starts[index], starts[index + 1])
         mask.ravel()[evidence.position[chosen][kept_pixels[chosen]]] = True
         yield mask, truth
-
-
-LEVELS_OF_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)  # p of each stored uint8 value, as combine
-BUCKETS = 4096  # of s in [0, 1], for finding a pixel's place among the thresholds without a binary search
-
-
-@numba.njit(cache=True, nogil=True)
-def _weighted_histograms(values, truth, count, starts, products, thresholds, lookup):  # pragma: no cover
-    """Per image, how many ambiguous pixels (and truth pixels) have exactly j thresholds below their s, where
-    s = sum over members, in order, of products[m, v] (float32 weight x v / 255, as combine computes it).
-    ``thresholds`` ends with one +inf; ``lookup[b]`` counts the thresholds below b / (lookup.size - 1), whose
-    buckets are narrower than the gaps between thresholds, so one comparison finds a pixel's place."""
-    levels = thresholds.size - 1
-    images = starts.size - 1
-    total = np.zeros(values.shape[1], np.float32)
-    for member in range(values.shape[0]):  # member by member: the inner loop vectorises
-        product, value = products[member], values[member]
-        for pixel in range(total.size):
-            total[pixel] = total[pixel] + product[value[pixel]]
-    positives = np.zeros((images, levels + 1), np.int64)
-    true_positives = np.zeros((images, levels + 1), np.int64)
-    scale = np.float32(lookup.size - 1)
-    for index in range(images):
-        for pixel in range(starts[index], starts[index + 1]):
-            s = total[pixel]
-            below = lookup[min(max(int(s * scale) - 1, 0), lookup.size - 1)]  # every threshold it counts is below s
-            below += thresholds[below] < s  # at most one more does
-            positives[index, below] += count[pixel]
-            true_positives[index, below] += count[pixel] * truth[pixel]
-    return positives, true_positives
-
-
-def _above(histogram: np.ndarray) -> np.ndarray:
-    """(images, K + 1) counts by 'thresholds below' -> (images, K) counts of pixels with s > threshold k."""
-    tail = np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1]
-    return tail[:, 1:]
-
-
-def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """(images, K) Dice of every threshold for float32 ``weights`` (as combine uses them), exactly."""
-    products = weights.astype(np.float32)[:, None] * LEVELS_OF_VALUES[None, :]  # float32, as combine multiplies
-    if np.any(np.diff(thresholds.astype(np.float64)) <= 2 / BUCKETS):
-        raise ValueError("thresholds must be sorted and further apart than 2 / BUCKETS")
-    lookup = np.searchsorted(thresholds.astype(np.float64), np.arange(BUCKETS + 1) / BUCKETS, side="left")
-    padded = np.concatenate([thresholds.astype(np.float32), [np.float32(np.inf)]])
-    positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
-                                                     evidence.row_starts, products, padded, lookup.astype(np.int64))
-    return _dice_of(evidence, positives, true_positives)
-
-
-@numba.njit(cache=True, nogil=True)
-def _hard_histograms(values, truth, count, starts, votes_of, swept, below_of, levels, min_votes):  # pragma: no cover
-    """Hard voting with member ``swept``'s threshold swept and the others fixed: per image, pixels (and truth
-    pixels) kept for exactly the first j thresholds, as histograms over j. votes_of[m, v]: member m votes for
-    value v at its threshold; below_of[v]: how many swept thresholds lie below v / 255."""
-    images = starts.size - 1
-    others = np.zeros(values.shape[1], np.uint8)
-    for member in range(values.shape[0]):  # member by member: the inner loop vectorises
-        if member != swept:
-            vote, value = votes_of[member], values[member]
-            for pixel in range(others.size):
-                others[pixel] += vote[value[pixel]]
-    swept_values = values[swept]
-    positives = np.zeros((images, levels + 1), np.int64)
-    true_positives = np.zeros((images, levels + 1), np.int64)
-    for index in range(images):
-        for pixel in range(starts[index], starts[index + 1]):
-            if others[pixel] >= min_votes:
-                kept_for = levels
-            elif others[pixel] == min_votes - 1:
-                kept_for = below_of[swept_values[pixel]]  # the swept member votes at threshold k iff k < this
-            else:
-                kept_for = 0
-            positives[index, kept_for] += count[pixel]
-            true_positives[index, kept_for] += count[pixel] * truth[pixel]
-    return positives, true_positives
-
-
-def hard_dice(evidence: ClassEvidence, member_thresholds: np.ndarray, swept: int, min_votes: int,
-              thresholds: np.ndarray) -> np.ndarray:
-    """(images, K) Dice of hard voting (unit votes, keep votes >= min_votes) for each threshold of member
-    ``swept``, the other members at ``member_thresholds``."""
-    votes_of = (LEVELS_OF_VALUES[None, :] > member_thresholds.astype(np.float32)[:, None]).view(np.uint8)
-    below_of = np.searchsorted(thresholds, LEVELS_OF_VALUES, side="left").astype(np.int64)  # thresholds < p
-    positives, true_positives = _hard_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
-                                                 evidence.row_starts, votes_of,
-                                                 swept, below_of, thresholds.size, min_votes)
-    return _dice_of(evidence, positives, true_positives)
-
-
-def _dice_of(evidence: ClassEvidence, positives: np.ndarray, true_positives: np.ndarray) -> np.ndarray:
-    predicted = _above(positives) + evidence.fixed_positive[:, None]
-    intersection = _above(true_positives) + evidence.fixed_true_positive[:, None]
-    return dice_from_counts(intersection, predicted, evidence.truth_total[:, None])

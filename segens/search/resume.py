@@ -26,8 +26,10 @@ import pydantic
 
 from segens.infra.atomic import atomic_write_text
 from segens.conventions.classes import NUM_CLASSES
-from segens.ensemble.recipe import POSTPROCESSING
-from segens.search.class_search import LEVELS, ClassResult, Choice
+from segens.voting.recipe import POSTPROCESSING
+from segens.search.class_search import ClassResult
+from segens.search.levels import LEVEL_NAMES
+from segens.voting.base import Choice
 from segens.errors import SegensError
 from segens.store import ProbabilityStore
 from segens.infra.safeload import load_json, validate
@@ -121,7 +123,7 @@ class _ClassDocument(pydantic.BaseModel):
     ambiguous_pixels: int = pydantic.Field(ge=0)
     evaluations: int = pydantic.Field(ge=0)
     cv: list[dict[str, float]]
-    level: Literal[tuple(LEVELS)]  # type: ignore[valid-type]
+    level: Literal[LEVEL_NAMES]  # type: ignore[valid-type]
 
 
 def result_to_json(result: ClassResult) -> dict[str, Any]:

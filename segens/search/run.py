@@ -3,33 +3,31 @@ a per-class report CSV and, on request, a plot."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from joblib import Parallel, delayed
 
-from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
-from segens.store.location import shared_location, store_options
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import discover
-from segens.ensemble.combine import check_stores
-from segens.search.evidence import ClassEvidence, threshold_grid
-from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
-from segens.ensemble.recipe import Recipe, save_recipe
-from segens.search.class_search import ClassResult, SearchReport, search_class
-from segens.search.resume import FinishedClasses, partial_root, search_key
+from segens.ensemble.stores import check_stores
 from segens.errors import SegensError
 from segens.folds.splits import load_folds
-from segens.store import ProbabilityStore, open_store
+from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
+from segens.search.class_search import ClassResult, search_class
+from segens.search.evidence import ClassEvidence, threshold_grid
+from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
+from segens.search.report import SearchReport
+from segens.search.resume import FinishedClasses, partial_root, search_key
+from segens.store import ProbabilityStore, open_store
+from segens.store.location import shared_location, store_options
+from segens.voting import get_strategy
+from segens.voting.recipe import Recipe, save_recipe
 
 METHODS = ("grid", "caruana")
-MAX_GRID_CANDIDATES = 50_000
-"""Weight-grid candidates per class a search may score (step 0.1 with 3 members: 66; 0.02 with 4: 23,426)."""
 
 
 def _one_class(source: ClassEvidence | ClassOnDisk, strategy, step, method, folds_of_images, postprocess,
@@ -52,26 +50,10 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
                               "levels": {CLASSES[r.channel]: r.level for r in results},
                               "verdict": report.verdict()},
                     search=settings)
-    if report.strategy == "hard":
-        recipe.weights = [[1.0] * len(stores) for _ in results]
-        recipe.member_thresholds = [[float(thresholds[i]) for i in r.recipe_choice.member_thresholds] for r in results]
-        recipe.min_votes = [float(r.recipe_choice.min_votes) for r in results]
-    else:
-        recipe.thresholds = [float(thresholds[r.recipe_choice.threshold]) for r in results]
-        if report.strategy == "weighted":
-            recipe.weights = [[float(w) for w in r.recipe_choice.weights] for r in results]
+    fields = get_strategy(report.strategy).recipe_fields([r.recipe_choice for r in results], thresholds, len(stores))
+    for name, value in fields.items():
+        setattr(recipe, name, value)
     return recipe
-
-
-def check_grid_size(step: float, members: int) -> int:
-    """The number of weight-grid candidates of ``step`` for ``members`` members, refused (a SegensError) when
-    above MAX_GRID_CANDIDATES, before any work."""
-    parts = max(1, int(round(1 / step)))
-    count = math.comb(parts + members - 1, members - 1)
-    if count > MAX_GRID_CANDIDATES:
-        raise SegensError(f"--step {step} with {members} members makes {count:,} weight candidates per class (at most "
-                          f"{MAX_GRID_CANDIDATES:,}); use a larger --step")
-    return count
 
 
 def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_path: str | Path | None,
@@ -96,8 +78,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     check_jobs(jobs)
     check_outputs([Output(out, "file", "--out"), Output(partial_root(out), "folder", "--out's resume folder", True),
                    *also_written], inputs=[*store_urls, folds_path, root], overwrite=overwrite)
-    if strategy not in ("soft", "weighted", "hard"):
-        raise SegensError(f"unknown strategy {strategy!r}; choose from soft, weighted, hard")
+    voting = get_strategy(strategy)
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not 0 < step <= 0.5:  # NaN fails too
@@ -107,8 +88,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     if any(store.split != "oof" for store in stores):
         raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
                           "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
-    if strategy == "weighted":  # the only strategy that scores a weight grid
-        check_grid_size(step, len(stores))
+    voting.check_search(step, len(stores))
     keys, _, _ = check_stores(stores, allow_missing=False)
     records_by_key = discover(Path(root).resolve() if backend == "dask" else root, "train").by_key()
     missing = [key for key in keys if key not in records_by_key]
@@ -178,31 +158,3 @@ def _extracted(batch: range, stores, records, thresholds, folder: Path | None) -
         return batch, arrays
     save_batch(folder, batch, arrays)
     return batch, None
-
-
-def report_rows(report: SearchReport) -> list[dict[str, object]]:
-    """One row per class (and a mean row): each member, the plain mean, the recipe, its settings, CV gains."""
-    rows = []
-    thresholds = threshold_grid()
-    for result in report.classes:
-        row: dict[str, object] = {"class": CLASSES[result.channel]}
-        for m, name in enumerate(report.members):
-            row[name] = round(result.member_dice[m], 6)
-        row["plain_mean"] = round(result.mean_dice, 6)
-        row["recipe"] = round(result.oof_dice, 6)
-        choice = result.recipe_choice
-        if report.strategy == "hard":
-            row["thresholds"] = " ".join(f"{thresholds[i]:.3f}" for i in choice.member_thresholds)
-            row["min_votes"] = choice.min_votes
-        else:
-            weights = choice.weights / choice.weights.sum()
-            row["weights"] = " ".join(f"{w:.3f}" for w in weights)
-            row["threshold"] = round(float(thresholds[choice.threshold]), 4)
-        row["postprocess"] = "+".join(result.postprocess) or "-"
-        if result.cv:
-            row["level"] = result.level
-            for column, name in (("recipe", "cv_gain_vs_mean"), ("searched", "cv_gain_searched_vs_mean")):
-                gains = [fold[column] - fold["mean"] for fold in result.cv]
-                row[name] = f"{np.mean(gains):+.4f} ± {np.std(gains):.4f}"
-        rows.append(row)
-    return rows

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from segens.ensemble.recipe import POSTPROCESSING
 from segens.errors import SegensError
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -44,7 +43,6 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 STEPS = {"largest_component": largest_component, "fill_holes": fill_holes}
-assert tuple(STEPS) == POSTPROCESSING
 
 
 def apply_postprocessing(mask: np.ndarray, steps: Sequence[str]) -> np.ndarray:

@@ -21,16 +21,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from segens.infra.atomic import atomic_write_text
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
 from segens.infra.safeload import load_json, validate
+from segens.voting.morphology import STEPS
+from segens.voting import registry
+
+POSTPROCESSING = tuple(STEPS)
+"""The post-processing steps a recipe may name, in the order they are tried (segens.voting.morphology)."""
 
 RECIPE_VERSION = 1
-STRATEGIES = ("soft", "weighted", "hard")
-POSTPROCESSING = ("largest_component", "fill_holes")
 MAX_RECIPE_BYTES = 16 << 20
 """A recipe is a few KB; anything far larger is not one."""
 
@@ -79,15 +82,24 @@ class RecipeDocument(_Strict):
     """The schema of recipe.json (strict types, finite numbers, no unknown fields); shapes checked after."""
 
     version: Literal[1]
-    strategy: Literal["soft", "weighted", "hard"]
+    strategy: str
     members: list[RecipeMember] = Field(min_length=1)
     weights: list[list[Weight]] | None = None
     thresholds: list[Threshold] | None = None
     member_thresholds: list[list[Threshold]] | None = None
     min_votes: list[Votes] | None = None
-    postprocess: list[list[Literal["largest_component", "fill_holes"]]] | None = None
+    postprocess: list[list[Literal[POSTPROCESSING]]] | None = None  # type: ignore[valid-type]
     oof_dice: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        known = registry.names()
+        if strategy not in known:
+            listed = ", ".join(repr(name) for name in known[:-1]) + f" or {known[-1]!r}" if len(known) > 1 else repr(known[0])
+            raise ValueError(f"Input should be {listed}")
+        return strategy
 
 
 def _check_rows(value: list | None, columns: int | None, name: str, where: str) -> None:
