@@ -14,41 +14,34 @@ Peak memory: ours runs in a fresh interpreter on --images images and on --memory
 copying the same images under new keys) and reports each child's peak RSS; the 300-image peak must be within
 10% of the 20-image peak. The baseline's peak RSS is measured the same way on --baseline-memory-images images.
 
-    .venv/bin/python bench/bench_combine.py [--images 20] [--repeats 2] [--memory-images 300] [--workdir DIR]
+    .venv/bin/python -m bench.bench_combine [--images 20] [--repeats 2] [--memory-images 300] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DEFAULT_WORKDIR,
-    BenchData,
-    bench_data,
     load_average,
     machine_line,
     median,
-    nonzero_fraction,
     peak_rss_mb,
     print_table,
-    replicated_stores,
     row,
     run_python,
     timed,
 )
+from bench.fixture import BenchData, bench_data, nonzero_fraction, replicated_stores
+from segens.ensemble.combine import combine, resolve_settings
+from segens.reference import reference_combine
 
-from segens.ensemble.combine import combine, resolve_settings  # noqa: E402
-from segens.reference import reference_combine  # noqa: E402
-
-WEIGHTS = {"sharp": 2.0, "blurry": 1.0, "shifted": 1.0}
+WEIGHTS = {"unetpp-vgg19": 2.0, "unetpp-hrnet64": 1.0, "yolov8-seg": 1.0}
 THRESHOLD = 0.45
 MEMORY_LIMIT = 0.10  # the 300-image peak RSS may exceed the 20-image peak by at most this fraction
 

@@ -1,7 +1,7 @@
 """predict-member end to end on CPU: the pipelined path (decoding ahead in threads, writes in a thread pool) vs
 the serial path it replaced (``pipelined=False``: decode, predict, write one batch after another, as on main).
 
-    python bench/bench_predict.py [--images 6] [--size 2048] [--input 256] [--repeats 3] [--device cpu]
+    python -m bench.bench_predict [--images 6] [--size 2048] [--input 256] [--repeats 3] [--device cpu]
 
 Member: a resnet18 Unet with sharpened random weights (bench/gpu.py's ``build_member``), hflip TTA, the test
 split with 3 fold checkpoints averaged. The two paths alternate which runs first; medians per image; the stores
@@ -14,17 +14,12 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gpu import MemberSetup, build_member  # noqa: E402
-
-from segens.members.predict import predict_member  # noqa: E402
-from segens.synth import generate  # noqa: E402
+from bench.gpu import MemberSetup, build_member
+from segens.members.predict import predict_member
+from segens.synth import generate
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:

@@ -2,7 +2,7 @@
 
 Encode: segens.conventions.rle.encode_stack vs the reference (flatten, pad, diff, join). Decode: segens.conventions.rle.decode_box
 (the compact form every segens consumer uses) and decode_stack (full (29, H, W) masks) vs a per-run Python
-loop. Outputs are checked identical; medians over images and repeats. Run: .venv/bin/python bench/bench_rle.py
+loop. Outputs are checked identical; medians over images and repeats. Run: .venv/bin/python -m bench.bench_rle
 """
 
 from __future__ import annotations

@@ -15,14 +15,13 @@ member alone, the simplex grid. Brute force is slow, so by default it runs on a 
 the equal weights and ours' best) and its time is extrapolated linearly: reading time + mean seconds per
 candidate x all candidates; the output says so. Medians over --repeats, ours and brute force alternating.
 
-    .venv/bin/python bench/bench_search.py [--images 10] [--classes finger-4 Capitate Radius] [--repeats 2]
+    .venv/bin/python -m bench.bench_search [--images 10] [--classes finger-4 Capitate Radius] [--repeats 2]
                                            [--brute-candidates 4] [--step 0.1] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,30 +30,17 @@ from typing import Any
 import numpy as np
 import zarr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    DEFAULT_WORKDIR,
-    BenchData,
-    bench_data,
-    load_average,
-    machine_line,
-    median,
-    peak_rss_mb,
-    print_table,
-    row,
-    timed,
-)
-
-from segens.conventions.classes import CLASSES, class_index  # noqa: E402
-from segens.conventions.dataset import ImageRecord  # noqa: E402
-from segens.conventions.dice import dice_from_counts  # noqa: E402
-from segens.voting.rules import normalise_weights  # noqa: E402
-from segens.search.evidence import ClassEvidence, class_truth, extract_class, threshold_grid  # noqa: E402
-from segens.search.levels import Subsets  # noqa: E402
-from segens.search.scorer import ClassScorer  # noqa: E402
-from segens.voting.base import best_cell  # noqa: E402
-from segens.voting.mean import base_candidates  # noqa: E402
+from bench.common import DEFAULT_WORKDIR, load_average, machine_line, median, peak_rss_mb, print_table, row, timed
+from bench.fixture import BenchData, bench_data
+from segens.conventions.classes import CLASSES, class_index
+from segens.conventions.dataset import ImageRecord
+from segens.conventions.dice import dice_from_counts
+from segens.search.evidence import ClassEvidence, class_truth, extract_class, threshold_grid
+from segens.search.levels import Subsets
+from segens.search.scorer import ClassScorer
+from segens.voting.base import best_cell
+from segens.voting.mean import base_candidates
+from segens.voting.rules import normalise_weights
 
 DEFAULT_CLASSES = ("finger-4", "Capitate", "Radius")  # a finger bone, a carpal bone, the radius
 

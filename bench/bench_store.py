@@ -5,7 +5,7 @@ ours:     segens.members.decode.logits_to_uint8 (float32, only where a class can
 baseline: float32 bilinear upsampling of all 29 maps, float32 sigmoid, zarr write of float32 with the same
           chunking and zarr's default compression.
 
-    python bench/bench_store.py [--images 5] [--repeats 3] [--size 512] [--out 2048] [--codecs]
+    python -m bench.bench_store [--images 5] [--repeats 3] [--size 512] [--out 2048] [--codecs]
 
 ``--codecs`` also compares blosc settings on the chunks the store writes (encode/decode seconds, size).
 The synthetic logits look like network output: bone-shaped blobs (signed-distance logits, up to +8 inside,
@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,9 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segens.conventions.classes import NUM_CLASSES  # noqa: E402
-from segens.members.decode import logits_to_uint8, reference_logits_to_uint8  # noqa: E402
-from segens.store import create_store  # noqa: E402
+from segens.conventions.classes import NUM_CLASSES
+from segens.members.decode import logits_to_uint8, reference_logits_to_uint8
+from segens.store import create_store
 
 
 def synthetic_logits(seed: int, size: int = 512) -> torch.Tensor:

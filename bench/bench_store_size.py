@@ -3,7 +3,7 @@
 Predicts a few synthetic 2048x2048 test images with a trained member (its spec's checkpoints) into a store and
 reports bytes per image against raw float32 (29 x 2048 x 2048 x 4 bytes) and against float32 in zarr with its
 default compression. Run after `ens demo` (or any training):
-    .venv/bin/python bench/bench_store_size.py --spec demo/members/unetpp-vgg19.yaml
+    .venv/bin/python -m bench.bench_store_size --spec demo/members/unetpp-vgg19.yaml
 """
 
 from __future__ import annotations

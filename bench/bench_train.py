@@ -7,7 +7,7 @@ rasterized once into the uint8 cache (CachedImages), then only augmented and sca
 by side in one process with alternating repeats; each step is timed (data + forward + backward + step), and the
 medians are printed with the load average. The one-off decode of the cache is timed separately.
 
-Run: .venv/bin/python bench/bench_train.py [--device cpu|cuda] [--image-size 512] [--input 128] [--steps 6]
+Run: .venv/bin/python -m bench.bench_train [--device cpu|cuda] [--image-size 512] [--input 128] [--steps 6]
 """
 
 from __future__ import annotations
@@ -16,25 +16,20 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from segens.conventions.dataset import discover  # noqa: E402
-from segens.members.input_contract import InputContract  # noqa: E402
-from segens.members.kinds.smp import build_model, logits_of  # noqa: E402
-from segens.synth import generate  # noqa: E402
-from segens.training.augment import Augment  # noqa: E402
-from segens.training.data import CachedImages, LabelledImages, cache_records  # noqa: E402
-from segens.training.losses import WeightedLoss  # noqa: E402
-from segens.training.precision import choose_precision  # noqa: E402
+from segens.conventions.dataset import discover
+from segens.members.input_contract import InputContract
+from segens.members.kinds.smp import build_model
+from segens.members.network import output_of
+from segens.synth import generate
+from segens.training.augment import Augment
+from segens.training.data import CachedImages, LabelledImages, cache_records
+from segens.training.losses import WeightedLoss
+from segens.training.precision import choose_precision
 
 AUGMENT = {"hflip": 0.5, "brightness_contrast": 0.1}
 
@@ -58,7 +53,7 @@ def _step_times(model, optimizer, loss_fn, batches, precision, steps: int) -> li
         masks = masks.to(precision.device)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            out = logits_of(model(images))
+            out = output_of(model(images), None, "bench")
         loss = loss_fn(out.float(), masks)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -1,7 +1,7 @@
 """predict-member on a GPU: how close end-to-end prediction gets to the network's own speed.
 
-    python bench/gpu.py [--device cuda] [--images 8] [--channels-last] [--cudnn-benchmark] [--workdir DIR]
-    python bench/gpu.py --device cpu --tiny        # seconds; runs in the test suite so the script never rots
+    python -m bench.gpu [--device cuda] [--images 8] [--channels-last] [--cudnn-benchmark] [--workdir DIR]
+    python -m bench.gpu --device cpu --tiny        # seconds; runs in the test suite so the script never rots
 
 Makes a few synthetic test images (2048 px; 64 px with ``--tiny``), builds the example members (UNet++ VGG19
 and UNet++ HRNet-W64 at input 1024, YOLOv8n-seg at 1024, each with hflip and 3 fold checkpoints; ``--tiny``: a
@@ -30,7 +30,6 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,13 +39,11 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segens.conventions.dataset import discover  # noqa: E402
-from segens.members.predict import predict_member, read_batch  # noqa: E402
-from segens.members.registry import factory  # noqa: E402
-from segens.members.spec import load_spec, sha256_of  # noqa: E402
-from segens.synth import generate  # noqa: E402
+from segens.conventions.dataset import discover
+from segens.members.predict import predict_member
+from segens.members.registry import factory
+from segens.members.spec import load_spec, sha256_of
+from segens.synth import generate
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,7 @@ def forward_seconds(spec_path: Path, root: Path, device: str) -> tuple[float, ob
     spec = load_spec(spec_path)
     member = factory(spec.kind)(spec, device=device)
     records = discover(root, "test", require_labels=False).records
-    images = read_batch(member, records)
+    images = member.read_batch(records)
     batch_size = int(spec.train.get("predict_batch_size", 4))
     batches = [spec.input.batch(images[start:start + batch_size]).to(member.device)
                for start in range(0, len(images), batch_size)]

@@ -6,9 +6,9 @@ into the next. bench_rle's ``run()`` and bench_combine's and bench_search's ``ru
 bench_store exposes no run function, so its ``main()`` is run with its options and its printed table parsed.
 The children's own output is passed through, prefixed with the benchmark's name.
 
-    .venv/bin/python bench/run_all.py            # full: under 10 minutes on 2 cores once stores are cached
-    .venv/bin/python bench/run_all.py --quick    # fewer images and repeats
-    .venv/bin/python bench/run_all.py --only combine search --workdir DIR
+    .venv/bin/python -m bench.run_all            # full: under 10 minutes on 2 cores once stores are cached
+    .venv/bin/python -m bench.run_all --quick    # fewer images and repeats
+    .venv/bin/python -m bench.run_all --only combine search --workdir DIR
 
 Columns: this project and the straightforward baseline (seconds, bytes or MiB), ratio = baseline / ours,
 peak RSS of the benchmark's process (ours and its baseline together; bench_combine's memory rows measure each
@@ -30,10 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from common import DEFAULT_WORKDIR, ROOT, load_average, machine, peak_rss_mb, print_table, row  # noqa: E402
+from bench.common import DEFAULT_WORKDIR, ROOT, load_average, machine, peak_rss_mb, print_table, row
 
 NAMES = ("rle", "store", "combine", "search")
 MARKER = "BENCH_ROWS "
@@ -44,7 +41,7 @@ MARKER = "BENCH_ROWS "
 
 def bench_rle(quick: bool, workdir: Path) -> list[dict[str, Any]]:
     """bench_rle.run(): medians of encode and decode of 29 masks at 2048."""
-    import bench_rle
+    from bench import bench_rle
 
     patients, repeats = (1, 1) if quick else (2, 3)
     medians = bench_rle.run(2048, patients, repeats)
@@ -76,10 +73,10 @@ def bench_store(quick: bool, workdir: Path) -> list[dict[str, Any]]:
     images, repeats = (2, 1) if quick else (5, 3)
     captured = io.StringIO()
     argv = sys.argv
-    sys.argv = [str(BENCH / "bench_store.py"), "--images", str(images), "--repeats", str(repeats)]
+    sys.argv = ["bench.bench_store", "--images", str(images), "--repeats", str(repeats)]
     try:
         with contextlib.redirect_stdout(_Tee(sys.stdout, captured)):
-            runpy.run_path(str(BENCH / "bench_store.py"), run_name="__main__")
+            runpy.run_module("bench.bench_store", run_name="__main__")
     finally:
         sys.argv = argv
     return parse_store_table(captured.getvalue(), images, repeats)
@@ -98,7 +95,7 @@ def parse_store_table(text: str, images: int, repeats: int) -> list[dict[str, An
 
 
 def bench_combine(quick: bool, workdir: Path) -> list[dict[str, Any]]:
-    import bench_combine
+    from bench import bench_combine
 
     if quick:
         return bench_combine.run(workdir, images=20, repeats=1, memory_images=100, baseline_memory_images=2)
@@ -106,7 +103,7 @@ def bench_combine(quick: bool, workdir: Path) -> list[dict[str, Any]]:
 
 
 def bench_search(quick: bool, workdir: Path) -> list[dict[str, Any]]:
-    import bench_search
+    from bench import bench_search
 
     if quick:
         return bench_search.run(workdir, images=4, repeats=1, brute_candidates=2)
@@ -127,7 +124,7 @@ def child(name: str, quick: bool, workdir: Path) -> None:
 
 def run_child(name: str, quick: bool, workdir: Path) -> tuple[list[dict[str, Any]], float, float]:
     """(rows, peak RSS MiB, seconds) of one benchmark in a fresh interpreter, its output passed through."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--workdir", str(workdir)]
+    command = [sys.executable, "-m", "bench.run_all", "--child", name, "--workdir", str(workdir)]
     command += ["--quick"] if quick else []
     started = time.perf_counter()
     result = None

@@ -1,6 +1,6 @@
 """The users' real workload on one machine: 800 OOF + 300 test images at 2048, 3 and 5 strong members.
 
-For each fixture seed (``scale_fixture.py``: synthetic labels, member stores from an error model, cached under
+For each fixture seed (``bench/fixture.py``: synthetic labels, member stores from an error model, cached under
 ``--workdir``) and each member count M, this runs the real commands as users do, each in its own process:
 
 - ``ens search-weights --cv`` with each strategy (wall time and the peak memory of its process tree);
@@ -11,8 +11,8 @@ For each fixture seed (``scale_fixture.py``: synthetic labels, member stores fro
 It prints two tables (timing on the first seed; quality as mean +- spread over seeds) and writes every figure to
 ``--json``. ``--quick`` runs a small version (a few 512 px images) in about a minute, for the test suite.
 
-    .venv/bin/python bench/scale.py --seeds 0 1 2 --members 3 5 --json scale.json
-    .venv/bin/python bench/scale.py --quick
+    .venv/bin/python -m bench.scale --seeds 0 1 2 --members 3 5 --json scale.json
+    .venv/bin/python -m bench.scale --quick
 """
 
 from __future__ import annotations
@@ -29,13 +29,9 @@ from typing import Any
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from common import DEFAULT_WORKDIR, ROOT, load_average, machine_line  # noqa: E402
-from scale_fixture import Fixture, fixture  # noqa: E402
-
-from segens.ensemble.evaluate import evaluate_store, evaluate_submission  # noqa: E402
+from bench.common import DEFAULT_WORKDIR, ROOT, load_average, machine_line
+from bench.fixture import Fixture, fixture
+from segens.ensemble.evaluate import evaluate_store, evaluate_submission
 
 STRATEGIES = ("soft", "weighted", "hard")
 

@@ -54,7 +54,8 @@ def make_smp_project(base: Path) -> Path:
     import segmentation_models_pytorch as smp
     import torch
 
-    from segens.folds.splits import make_folds, save_folds
+    from segens.folds.file import save_folds
+    from segens.folds.splits import make_folds
     from segens.members.spec import sha256_of
     from segens.synth import generate
 

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_bench_tiny_on_cpu_prints_its_table(tmp_path: Path) -> None:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "YOLO_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny",
+    result = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--tiny",
                              "--workdir", str(tmp_path / "work")],
-                            capture_output=True, text=True, env=environment, timeout=300, check=False)
+                            capture_output=True, text=True, env=environment, timeout=300, check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     lines = lines[next(index for index, line in enumerate(lines) if line.startswith("device: ")):]  # after ultralytics' log

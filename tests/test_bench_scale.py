@@ -3,15 +3,12 @@ images at 512, 3 members), with the real commands, and its figures are sane."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import scale  # noqa: E402
-from scale_fixture import MEMBERS, member_dice  # noqa: E402
+from bench import scale
+from bench.fixture import MEMBERS, member_dice
 
 
 def test_scale_quick_runs_and_its_members_are_strong_and_diverse(tmp_path: Path) -> None:

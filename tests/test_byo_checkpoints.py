@@ -17,8 +17,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from segens.conventions.classes import CLASSES
 from segens.cli import app
+from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover
 from segens.errors import SegensError
 from segens.members.predict import predict_member

@@ -16,12 +16,12 @@ import pytest
 from scipy import ndimage
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
-from segens.ensemble.combine import combine, parse_weights
-from segens.voting.recipe import Recipe, save_recipe
-from segens.errors import SegensError
-from segens.store import create_store, open_store
-from segens.reference import reference_combine, reference_encode
 from segens.conventions.submission import read_submission
+from segens.ensemble.combine import combine, parse_weights
+from segens.errors import SegensError
+from segens.reference import reference_combine, reference_encode
+from segens.store import create_store, open_store
+from segens.voting.recipe import Recipe, save_recipe
 
 KEYS = ["ID001/image1661130828152_R", "ID001/image1661130828152", "ID002/image1661130900000", "ID002/image1661130900001_L"]
 SHAPE = (40, 56)

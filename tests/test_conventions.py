@@ -12,8 +12,8 @@ from conftest import square_polygons
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES, class_index
 from segens.conventions.dataset import discover, image_size, read_image, read_record_mask
-from segens.errors import SegensError
 from segens.conventions.labels import parse_label_json, read_label_mask
+from segens.errors import SegensError
 
 
 def test_class_order() -> None:

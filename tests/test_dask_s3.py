@@ -19,18 +19,17 @@ from conftest import make_smp_project
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens.infra import backend as backend_module
-from segens.infra.backend import check_backend, parse_storage_options
-from segens.store.location import store_options
-from segens.conventions.classes import NUM_CLASSES
 from segens.cli import app
+from segens.conventions.classes import NUM_CLASSES
 from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
-from segens.search.run import search_weights
 from segens.errors import SegensError
+from segens.infra import backend as backend_module
+from segens.infra.backend import check_backend, parse_storage_options
 from segens.members.predict import chunk_batches, predict_member
+from segens.search.run import search_weights
 from segens.store import create_store, open_store
-
+from segens.store.location import store_options
 
 
 def require_extra(module: str) -> None:

@@ -9,14 +9,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from segens.conventions.classes import CLASSES
 from segens.cli import app
+from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover
-from segens.reference import reference_combine, reference_decode, reference_dice
 from segens.conventions.submission import read_submission
+from segens.reference import reference_combine, reference_decode, reference_dice
 
 
 def _reference_test_dice(csv: Path, root: Path) -> float:
@@ -90,13 +89,16 @@ def test_selfcheck(tmp_path: Path) -> None:
 def test_demo_configurations_are_valid_member_specs(tmp_path: Path) -> None:
     from segens.demo.run import CUDA, FULL, QUICK, config_for, member_specs
     from segens.members.registry import factory
-    from segens.members.spec import load_spec
+    from segens.members.spec import load_spec, save_spec
 
     assert config_for(True, "cuda") is QUICK and config_for(False, "cpu") is FULL
     assert config_for(False, "cuda") is config_for(False, "cuda:1") is CUDA
-    assert CUDA.image_size > FULL.image_size and CUDA.smp_input > FULL.smp_input and CUDA.smp_steps > FULL.smp_steps
+    full, cuda = (member_specs(config) for config in (FULL, CUDA))
+    smp_full, smp_cuda = ([spec for spec in specs.values() if spec.kind == "smp"] for specs in (full, cuda))
+    assert CUDA.image_size > FULL.image_size
+    assert min(spec.input.size[0] for spec in smp_cuda) > max(spec.input.size[0] for spec in smp_full)
+    assert min(spec.train["steps"] for spec in smp_cuda) > max(spec.train["steps"] for spec in smp_full)
     for config in (QUICK, FULL, CUDA):
-        for name, document in member_specs(config).items():
-            path = tmp_path / f"{config.name}-{name}.yaml"
-            path.write_text(yaml.safe_dump(document))
-            factory(document["kind"])(load_spec(path))  # every field checked as train-member checks it
+        for name, spec in member_specs(config).items():
+            path = save_spec(spec, tmp_path / f"{config.name}-{name}.yaml")
+            factory(spec.kind)(load_spec(path))  # every field checked as train-member checks it

@@ -11,11 +11,11 @@ import pytest
 from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover, read_record_mask
 from segens.conventions.dice import DiceTable, dice_per_class
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, read_submission, write_submission
 from segens.ensemble.evaluate import evaluate_submission
 from segens.errors import SegensError
 from segens.reference import reference_dice
-from segens.conventions.rle import encode_stack
-from segens.conventions.submission import image_rows, read_submission, write_submission
 
 
 def test_dice_matches_reference_including_empty_cases() -> None:

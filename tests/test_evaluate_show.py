@@ -14,16 +14,16 @@ import pytest
 from matplotlib.colors import to_rgb
 from typer.testing import CliRunner
 
-from segens.conventions.classes import CLASS_TO_INDEX, NUM_CLASSES
 from segens.cli import app
+from segens.conventions.classes import CLASS_TO_INDEX, NUM_CLASSES
 from segens.conventions.dataset import discover, read_record_mask
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, write_submission
 from segens.ensemble.evaluate import evaluate_prediction, evaluate_store, evaluate_submission, keep_table, truth_masks
 from segens.ensemble.overlay import FALSE_NEGATIVE, FALSE_POSITIVE, PALETTE, draw_overlay, figure_pixels
 from segens.errors import SegensError
-from segens.store import create_store, open_store
 from segens.reference import reference_dice
-from segens.conventions.rle import encode_stack
-from segens.conventions.submission import image_rows, write_submission
+from segens.store import create_store, open_store
 from segens.synth import generate
 
 SIZE = 80

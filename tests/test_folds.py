@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from segens.cli import app
 from segens.conventions.dataset import discover
-from segens.errors import SegensError
-from segens.folds.splits import Folds, image_list_sha256, load_folds, make_folds, patient_of, save_folds
 from segens.conventions.labels import write_label_json
 from segens.conventions.metadata import write_metadata
+from segens.errors import SegensError
+from segens.folds.file import Folds, image_list_sha256, load_folds, patient_of, save_folds
+from segens.folds.splits import make_folds
 
 SIZE = 16
 

@@ -19,13 +19,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from segens.conventions.classes import NUM_CLASSES
 from segens.cli import app
+from segens.conventions.classes import NUM_CLASSES
 from segens.conventions.dataset import discover
-from segens.folds.splits import make_folds, save_folds
 from segens.conventions.labels import read_label_mask
-from segens.store import create_store
 from segens.conventions.rle import encode
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
+from segens.store import create_store
 from segens.synth import generate
 
 MEMBERS = {"alpha": (0, 1, 2), "beta": (1, -1, 3), "gamma": (-1, 0, 4)}  # name: (row shift, col shift, radius)

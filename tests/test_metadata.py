@@ -11,8 +11,8 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from segens.errors import SegensError
 from segens.conventions.metadata import read_metadata, write_metadata
+from segens.errors import SegensError
 
 KOREAN = ["ID", "나이", "성별", "체중(몸무게)", "키(신장)"]
 

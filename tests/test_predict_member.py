@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from segens.cli import app
 from segens.conventions.dataset import discover, read_image, read_record_mask
-from segens.errors import SegensError
-from segens.folds.splits import load_folds
-from segens.members.predict import predict_member
-from segens.store import open_store
-from segens.reference import reference_member_probabilities
 from segens.conventions.rle import encode_stack
 from segens.conventions.submission import image_rows, read_submission, write_submission
+from segens.errors import SegensError
+from segens.folds.file import load_folds
+from segens.members.predict import predict_member
+from segens.reference import reference_member_probabilities
+from segens.store import open_store
 
 
 def fold_models(project: Path) -> dict:

@@ -14,8 +14,8 @@ from conftest import make_smp_project
 
 from segens.conventions.dataset import discover
 from segens.errors import SegensError
-from segens.members.decode import (passes_to_uint8, passes_to_uint8_torch, reference_passes_to_uint8)
-from segens.members.predict import predict_member, read_batch
+from segens.members.decode import passes_to_uint8, passes_to_uint8_torch, reference_passes_to_uint8
+from segens.members.predict import predict_member
 from segens.members.registry import factory
 from segens.members.spec import load_spec
 from segens.store import image_boxes, open_store
@@ -74,7 +74,7 @@ def test_member_device_path_on_cpu_equals_the_cpu_path(project: Path) -> None:
     spec = load_spec(project / "unet.yaml")
     member = factory(spec.kind)(spec, device="cpu")
     records = discover(project / "data", "test", require_labels=False).records
-    images = read_batch(member, records)
+    images = member.read_batch(records)
     cpu = member.predict_uint8(images, (0, 1, 2))
     member.postprocess_on_device = True
     device = member.predict_uint8(images, (0, 1, 2))
@@ -133,8 +133,13 @@ def test_yolo_per_box_upsampling_equals_the_full_size_path_bit_for_bit(shape: tu
     with fractional and out-of-image corners; and soft_predict's class maps are identical either way."""
     from ultralytics import YOLO
 
-    from segens.members.kinds.yolo_masks import (SoftSegmentationPredictor, crops_are_exact, instance_probability_chunks,
-                                     instance_probability_crops, soft_predict)
+    from segens.members.kinds.yolo_masks import (
+        SoftSegmentationPredictor,
+        crops_are_exact,
+        instance_probability_chunks,
+        instance_probability_crops,
+        soft_predict,
+    )
 
     captured: dict[str, torch.Tensor] = {}
 

@@ -19,21 +19,22 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from segens.conventions import rle
-from segens.infra.backend import check_jobs, parse_storage_options
-from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
+from segens.conventions import rle
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import MAX_IMAGE_SIDE, discover, image_size, read_image
-from segens.ensemble.combine import combine, parse_weights, resolve_settings
-from segens.voting.recipe import Recipe, load_recipe
-from segens.search.run import search_weights
-from segens.voting.mean import MAX_GRID_CANDIDATES, check_grid_size
-from segens.errors import SegensError
-from segens.folds.splits import load_folds, make_folds, save_folds
 from segens.conventions.labels import parse_label_json
-from segens.store import create_store
 from segens.conventions.metadata import MAX_XLSX_EXPANDED, read_metadata
 from segens.conventions.submission import image_rows, read_submission, write_submission
+from segens.ensemble.combine import combine, parse_weights, resolve_settings
+from segens.errors import SegensError
+from segens.folds.file import load_folds, save_folds
+from segens.folds.splits import make_folds
+from segens.infra.backend import check_jobs, parse_storage_options
+from segens.search.run import search_weights
+from segens.store import create_store
+from segens.voting.mean import MAX_GRID_CANDIDATES, check_grid_size
+from segens.voting.recipe import Recipe, load_recipe
 
 DEEP = 100_000  # nesting levels of the hostile JSON documents
 MEMBERS = ["vgg", "hrnet"]

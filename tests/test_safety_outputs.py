@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 import yaml
 
-from segens.infra.atomic import atomic_write, atomic_write_text, host_tag, remove_stale_temporaries
 from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover, read_record_mask
-from segens.ensemble.combine import combine
-from segens.search.run import search_weights
-from segens.errors import SegensError
-from segens.members.train import train_member
-from segens.members.predict import predict_member
-from segens.store import create_store, open_store
-from segens.infra.outputs import Output, check_outputs, is_store
 from segens.conventions.rle import encode_stack
 from segens.conventions.submission import image_rows, write_submission
+from segens.ensemble.combine import combine
+from segens.errors import SegensError
+from segens.infra.atomic import atomic_write, atomic_write_text, host_tag, remove_stale_temporaries
+from segens.infra.outputs import Output, check_outputs, is_store
+from segens.members.predict import predict_member
+from segens.members.train import train_member
+from segens.search.run import search_weights
+from segens.store import create_store, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -4,9 +4,9 @@ placed where segens would load them (search-weights' resume folder, train-member
 from __future__ import annotations
 
 import json
-import re
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +17,14 @@ import torch
 import yaml
 
 from segens.errors import SegensError
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
+from segens.members.spec import load_spec
+from segens.members.train import train_member
 from segens.search.resume import FORMAT as RESUME_FORMAT
 from segens.search.resume import FinishedClasses, partial_root, result_from_json, result_to_json
 from segens.search.run import search_weights
-from segens.folds.splits import make_folds, save_folds
-from segens.members.spec import load_spec
 from segens.store import create_store
-from segens.members.train import train_member
 from segens.synth import generate
 from segens.training.loop import load_resume_state
 
@@ -124,8 +125,8 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
 
 def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(project: Path, tmp_path: Path) -> None:
     from segens.conventions.dataset import discover
-    from segens.search.evidence import extract_class, threshold_grid
     from segens.search.class_search import search_class
+    from segens.search.evidence import extract_class, threshold_grid
     from segens.store import open_store
 
     stores = [open_store(project / "a.oof.zarr"), open_store(project / "b.oof.zarr")]

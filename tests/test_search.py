@@ -18,22 +18,23 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.cli import app
+from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import discover, read_record_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
+from segens.search import run as search_weights_module
 from segens.search.evidence import extract_class, threshold_grid
 from segens.search.kernels import hard_dice
 from segens.search.levels import make_subsets
-from segens.search.scorer import ClassScorer as WeightedSearch
-from segens.voting.base import best_cell as _best
-from segens.voting.mean import base_candidates
-from segens.search import run as search_weights_module
 from segens.search.run import search_weights
-from segens.folds.splits import make_folds, save_folds
+from segens.search.scorer import ClassScorer as WeightedSearch
 from segens.store import create_store, open_store
 from segens.synth import generate
+from segens.voting.base import best_cell as _best
+from segens.voting.mean import base_candidates
 
 THRESHOLDS = threshold_grid()
 
@@ -255,7 +256,7 @@ def test_postprocessing_is_kept_only_where_it_helps(project: Path, tmp_path: Pat
 def test_cv_shows_no_gain_from_a_member_right_by_chance(tmp_path: Path) -> None:
     """Two identical binary members (ground truth, eroded or dilated) and a 'lucky' member that is exactly right
     on fold 0's images and empty elsewhere: on OOF, giving it weight pays; on held-out folds it cannot."""
-    from segens.folds.splits import load_folds
+    from segens.folds.file import load_folds
 
     generate(tmp_path / "data", n_train_patients=8, n_test_patients=1, size=64, seed=5)
     folds, _ = make_folds(tmp_path / "data", k=4, seed=0)
@@ -519,7 +520,8 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
 def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project: Path, tmp_path: Path) -> None:
     """Each fold's recipe figure is the level the rule picks on the other folds; the recipe itself keeps the level
     picked on all folds. Picking on the scored folds too would flatter the estimate (it does here)."""
-    from segens.search.levels import LEVEL_NAMES as LEVELS, choose_level
+    from segens.search.levels import LEVEL_NAMES as LEVELS
+    from segens.search.levels import choose_level
 
     report = search_weights([str(project / "sharp.oof.zarr")], project / "data", project / "folds.json",
                             tmp_path / "r.json", strategy="soft", step=0.25, cv=True, progress=False)

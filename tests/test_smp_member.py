@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from segens.cli import app
 from segens.errors import SegensError
-from segens.folds.splits import make_folds, save_folds
-from segens.members.registry import factory
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
 from segens.members.kinds.smp import SmpMember
+from segens.members.registry import factory
 from segens.members.spec import MemberSpec, load_spec
 from segens.synth import generate
 

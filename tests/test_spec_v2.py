@@ -15,18 +15,18 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from segens.conventions.classes import CLASSES
 from segens.cli import app
+from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover
 from segens.errors import SegensError
-from segens.training.augment import Augment
-from segens.training.data import LabelledImages
 from segens.members.input_contract import InputContract
-from segens.members.network import average_passes
 from segens.members.kinds.smp import SmpMember
+from segens.members.network import average_passes
 from segens.members.spec import MemberSpec, load_spec, save_spec, spec_from_dict
 from segens.store import quantize
 from segens.synth import generate
+from segens.training.augment import Augment
+from segens.training.data import LabelledImages
 
 BASE = {"name": "m", "kind": "smp", "model": {"architecture": "Unet", "encoder": "resnet18"}}
 SMALL_UNET = {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [16, 16, 8, 8, 8]}}

@@ -20,9 +20,9 @@ import torch
 import zarr
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.rle import bbox
 from segens.errors import SegensError
 from segens.members.decode import logits_to_uint8, reference_logits_to_uint8
-from segens.store.image import metadata_digest as _digest
 from segens.store import (
     create_store,
     dequantize,
@@ -30,7 +30,7 @@ from segens.store import (
     open_store,
     quantize,
 )
-from segens.conventions.rle import bbox
+from segens.store.image import metadata_digest as _digest
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("ID001/image1661130828152_R", "ID001/image1661130828153", "ID002/image1661130900001_L")

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
-from segens.errors import SegensError
 from segens.conventions.labels import check_points_inside, parse_label_json, rasterize
 from segens.conventions.metadata import read_metadata
+from segens.errors import SegensError
 from segens.synth import SynthSummary, generate, preview
 
 SIZE = 160

@@ -16,7 +16,8 @@ import yaml
 from segens.conventions.dataset import discover, read_record_mask
 from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
-from segens.folds.splits import make_folds, save_folds
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
 from segens.members.input_contract import InputContract
 from segens.members.registry import factory
 from segens.members.spec import load_spec

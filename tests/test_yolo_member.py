@@ -14,11 +14,11 @@ from conftest import square_polygons
 
 from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import ImageRecord, discover
-from segens.errors import SegensError
-from segens.training.yolo_data import read_yolo_label, write_fold_dataset, yolo_label_text
 from segens.conventions.labels import write_label_json
+from segens.errors import SegensError
 from segens.members.registry import factory
 from segens.members.spec import Checkpoint, MemberSpec
+from segens.training.yolo_data import read_yolo_label, write_fold_dataset, yolo_label_text
 
 SIZE = 128
 TINY_TRAIN = {"epochs": 2, "batch": 2, "nbs": 2, "optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 0}
@@ -207,8 +207,8 @@ def test_predict_averages_folds_and_checks_checkpoints(trained, tmp_path: Path) 
     (plain pass + flipped-back flipped pass) / 2, each pass computed here from the checkpoint itself."""
     from ultralytics import YOLO
 
-    from segens.members.spec import sha256_of
     from segens.members.kinds.yolo_masks import soft_predict
+    from segens.members.spec import sha256_of
 
     member, result, records, out_dir = trained
     checkpoint = result.checkpoint

@@ -1,9 +1,13 @@
 """The ``ens`` command: argument parsing and printing only; every command calls one segens function.
 
-Commands live in one module per area (data, folds, members, ensemble) and register with the app in _app.
+One module per command, named after it; ``ens --help`` lists them in the order of the workflow (the order they
+are imported here): try it, make data, split folds, train and predict members, look at checkpoints, search a
+recipe, combine, evaluate and look at the result.
 """
 
-from segens.cli import checkpoints, data, ensemble, folds, inspect, members  # noqa: F401  (each registers its commands)
+# each module registers its command with the app, in this order
+from segens.cli import demo, synth, selfcheck, folds, train_member, predict_member, inspect  # noqa: F401, I001
+from segens.cli import search_weights, combine, evaluate, show  # noqa: F401, I001
 from segens.cli._app import app, main
 
 __all__ = ["app", "main"]

@@ -6,11 +6,24 @@ import sys
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from segens.errors import SegensError
 
+WORKFLOW = ("demo", "synth", "selfcheck", "folds", "train-member", "predict-member", "inspect", "search-weights",
+            "combine", "evaluate", "show")
+"""The commands in the order a user meets them; ``ens --help`` lists them so."""
+
+
+class _WorkflowOrder(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda name: WORKFLOW.index(name) if name in WORKFLOW else len(WORKFLOW))
+
+
 app = typer.Typer(
     name="ens",
+    cls=_WorkflowOrder,
     help=(
         "segens: turn k-fold segmentation checkpoints into a reproducible, searched ensemble.\n\n"
         "Hand-bone X-rays, 29 overlapping classes, Dice, RLE submissions.\n\n"

@@ -11,7 +11,7 @@ from rich.table import Table
 from segens.cli._app import app, output
 
 if TYPE_CHECKING:
-    from segens.folds.splits import Folds
+    from segens.folds.file import Folds
 
 folds_app = typer.Typer(
     name="folds",
@@ -47,7 +47,8 @@ def make(
 
     Example: `ens folds make data/ --k 5 --out folds.json --stratify bmi --seed 0`
     """
-    from segens.folds.splits import make_folds, save_folds
+    from segens.folds.file import save_folds
+    from segens.folds.splits import make_folds
     from segens.infra.outputs import Output, check_outputs
 
     check_outputs([Output(out)], inputs=[root, metadata], overwrite=overwrite)
@@ -70,7 +71,7 @@ def show(
 
     Example: `ens folds show folds.json --data data/`
     """
-    from segens.folds.splits import load_folds
+    from segens.folds.file import load_folds
 
     folds = load_folds(folds_file, root=data)
     output.print(f"{folds_file}: {_describe(folds)}", soft_wrap=True)

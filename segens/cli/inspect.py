@@ -1,92 +1,54 @@
-"""Commands to look at predictions: ``ens evaluate`` (Dice tables, JSON, bar plots) and ``ens show`` (overlays)."""
+"""``ens inspect``: what a checkpoint holds and what a member spec for it must say."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.table import Table
+import yaml
 
-from segens.cli._app import app, console, output
-
-if TYPE_CHECKING:
-    from segens.ensemble.evaluate import Evaluation
+from segens.cli._app import app, output
 
 
-@app.command()
-def evaluate(
-    preds: Annotated[list[str], typer.Argument(metavar="PRED", help="Submission CSVs (image_name,class,rle) and/or probability stores (e.g. vgg.oof.zarr).")],
-    data: Annotated[Path, typer.Option(help="Data root with labels for the split.")],
-    split: Annotated[str | None, typer.Option(help="train or test. Default: a store's own (oof -> train, test -> test); test for a CSV.")] = None,
-    threshold: Annotated[float, typer.Option(help="Stores: keep a pixel where p > threshold (p = v / 255 in float32, as `ens combine`).")] = 0.5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per PRED, one per line, instead of a table.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="Also write a PNG of per-class Dice bars, the PREDs side by side.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot.")] = False,
+@app.command("inspect")
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (.pt/.pth, TorchScript) or an smp save_pretrained folder.")],
+    spec: Annotated[Path | None, typer.Option(help="Member spec: load the checkpoint exactly as `ens predict-member` would.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
 ) -> None:
-    """Score predictions with the competition's Dice: per image and class at the image's own size, mean over
-    images, then over classes.
+    """Load a checkpoint and print what it holds: format, architecture and encoder if known, class names and their
+    mapping to the competition's classes, the recorded input contract, parameter count and the output on a dummy
+    input; then what a member spec for it must say. Nothing is written.
 
-    CSV rows are matched by (image_name, class) and store images by key, never by position; an image of the split
-    missing from a PRED, or one it has that the split lacks, is an error. The table has one column per PRED.
-
-    Example: `ens evaluate stores/vgg.oof.zarr stores/hrnet.oof.zarr --data data/ --plot dice.png`
+    Example: `ens inspect runs/fold0/model.pt --trust-pickle`   or   `ens inspect fold0.pth --spec members/mine.yaml`
     """
-    from segens.ensemble.evaluate import evaluate_predictions
-    from segens.infra.outputs import Output, check_outputs
+    from segens.members.inspect_checkpoint import inspect_checkpoint
 
-    check_outputs([Output(plot, option="--plot")], inputs=[*preds, data], overwrite=overwrite)
-    evaluations = evaluate_predictions(preds, data, split, threshold, progress=not as_json and console.is_terminal)
-    if plot is not None:
-        from segens.ensemble.plots import plot_dice_bars
-
-        plot_dice_bars({e.label: e.table.per_class() for e in evaluations}, plot, title=f"Dice per class on {data}")
-    if as_json:
-        for evaluation in evaluations:
-            typer.echo(json.dumps(evaluation.as_dict()))
-        return
-    output.print(dice_table(evaluations, data))
-    if plot is not None:
-        output.print(f"plot: {plot}")
-
-
-def dice_table(evaluations: list[Evaluation], data: Path) -> Table:
-    """A rich table: one row per class and a mean row, one column per PRED."""
-    shown = Table(title=f"Dice per class on {data}", caption="mean over images, then over classes")
-    shown.add_column("class")
-    for evaluation in evaluations:
-        images = len(evaluation.table.scores)
-        shown.add_column(f"{evaluation.label}\n{evaluation.split}, {images} images", justify="right")
-    per_class = [evaluation.table.per_class() for evaluation in evaluations]
-    for index, name in enumerate(evaluations[0].table.classes):
-        shown.add_row(name, *(f"{scores[index]:.4f}" for scores in per_class))
-    shown.add_row("[bold]mean", *(f"[bold]{evaluation.table.mean():.4f}" for evaluation in evaluations))
-    return shown
+    report = inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+    rows = [("checkpoint", str(report.path)), ("format", report.format), ("kind", report.kind),
+            ("architecture", report.architecture), ("encoder", report.encoder),
+            ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),
+            ("dummy input", str(report.input_shape) if report.input_shape else None), ("output", report.output),
+            ("recorded input", _flow(report.recorded_input) if report.recorded_input else "none recorded"),
+            ("input used", _flow(report.input_used) if report.input_used else None)]
+    for label, value in rows:
+        if value is not None:
+            output.print(f"{label:>15}: {value}", markup=False, highlight=False, soft_wrap=True)
+    if report.mapping is not None:
+        moved = [(channel, name, index) for channel, name, index in report.mapping if channel != index]
+        summary = "same order as the competition" if not moved else f"{len(moved)} of 29 channels reordered by name"
+        output.print(f"{'classes':>15}: {summary}", markup=False, highlight=False, soft_wrap=True)
+        for channel, name, index in moved:
+            output.print(f"{'':>17}model channel {channel:>2} -> {index:>2} {name}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        output.print(f"{'classes':>15}: no class names in the checkpoint", markup=False, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        output.print(f"{'note':>15}: {note}", markup=False, highlight=False, soft_wrap=True)
+    output.print("the spec, as segens reads it:" if spec is not None else "a member spec for it needs:",
+                 markup=False, highlight=False, soft_wrap=True)
+    output.print(yaml.safe_dump(report.spec, sort_keys=False, default_flow_style=None).rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
-def show(
-    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image key (ID001/image1661130828152) or file name (image1661130828152.png); train is searched, then test.")],
-    data: Annotated[Path, typer.Option(help="Data root holding the image (and its labels, if any).")],
-    pred: Annotated[list[str] | None, typer.Option(help="A submission CSV or probability store; repeat it for one panel per PRED.")] = None,
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("overlay.png"),
-    classes: Annotated[str | None, typer.Option(help="Comma-separated classes, one panel each, cropped to the class, e.g. Capitate,Hamate.")] = None,
-    error: Annotated[str | None, typer.Option(help="One class: each PRED's false positives, false negatives and (faint) true positives, Dice in the title.")] = None,
-    threshold: Annotated[float, typer.Option(help="Stores: keep a pixel where p > threshold.")] = 0.5,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-) -> None:
-    """Draw one X-ray with ground-truth outlines (solid) and predicted outlines (dashed), a colour per class.
-
-    Without options: the whole image, one panel per PRED, each titled with its Dice on this image.
-    `--classes`: a grid of class crops (columns) by PRED (rows). `--error CLASS`: where each PRED is wrong.
-
-    Example: `ens show ID001/image1661130828152 --data data/ --pred submission.csv --error Capitate --out capitate.png`
-    """
-    from segens.ensemble.overlay import draw_overlay
-    from segens.infra.outputs import Output, check_outputs
-
-    check_outputs([Output(out)], inputs=[*(pred or []), data], overwrite=overwrite)
-    names = classes.split(",") if classes else None
-    written = draw_overlay(image, data, pred or [], out, classes=names, error=error, threshold=threshold)
-    output.print(f"wrote {written}")
+def _flow(document: dict) -> str:
+    return yaml.safe_dump(document, default_flow_style=True, sort_keys=False, width=10_000).strip()

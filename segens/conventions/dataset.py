@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segens.errors import SegensError
 from segens.conventions.labels import read_label_mask
+from segens.errors import SegensError
 
 IMAGE_DIR = "DCM"
 LABEL_DIR = "outputs_json"

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from segens.infra.atomic import atomic_write
 from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
 from segens.errors import SegensError
+from segens.infra.atomic import atomic_write
 
 HEADER = ("image_name", "class", "rle")
 MAX_FIELD_CHARS = 1 << 28

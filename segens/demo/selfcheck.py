@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from segens.conventions.dataset import discover, read_record_mask
+from segens.conventions.rle import encode_stack
+from segens.conventions.submission import image_rows, write_submission
 from segens.ensemble.evaluate import evaluate_submission
 from segens.errors import SegensError
 from segens.reference import reference_encode
-from segens.conventions.rle import encode_stack
-from segens.conventions.submission import image_rows, write_submission
 from segens.synth import generate
 
 

@@ -34,12 +34,13 @@ from segens.errors import SegensError
 from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
-from segens.store import ProbabilityStore, create_mask_store, open_store
+from segens.store import SCALE, ProbabilityStore, create_mask_store, open_store
 from segens.store.location import shared_location, store_options
 from segens.voting import get_strategy
 from segens.voting.base import Settings
 from segens.voting.morphology import apply_postprocessing
 from segens.voting.recipe import Recipe, load_recipe
+
 
 @dataclass
 class CombineSummary:
@@ -121,7 +122,7 @@ def combine_image(stores: Sequence[ProbabilityStore], key: str, settings: Settin
         box, mask = class_mask(stores, key, channel, settings, present, member_boxes)
         rles.append(encode_box(mask, box, width))
         if full is not None and box is not None:
-            full[channel, box[0] : box[1], box[2] : box[3]] = mask.view(np.uint8) * np.uint8(255)
+            full[channel, box[0] : box[1], box[2] : box[3]] = mask.view(np.uint8) * np.uint8(SCALE)
     if masks_out is not None:
         masks_out.write_image(key, full)
     return rles

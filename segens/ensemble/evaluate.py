@@ -19,12 +19,13 @@ import numpy as np
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import ImageRecord, discover, image_size
 from segens.conventions.dice import DiceTable, dice_from_counts
-from segens.errors import SegensError
 from segens.conventions.labels import check_points_inside, parse_label_json
-from segens.store import LEVELS, ProbabilityStore, open_store
-from segens.infra.progress import progress_bar
 from segens.conventions.rle import BBox, decode_box
 from segens.conventions.submission import Submission, read_submission
+from segens.errors import SegensError
+from segens.infra.locations import is_url
+from segens.infra.progress import progress_bar
+from segens.store import LEVELS, ProbabilityStore, open_store
 
 BoxedMask = tuple[BBox | None, np.ndarray]
 """One class of one image: (box, bool mask inside it), or (None, a (0, 0) array) when the class is empty."""
@@ -158,7 +159,7 @@ class Prediction:
 def is_store_path(path: str | Path) -> bool:
     """A probability store is a folder (or URL, or a ``.zarr`` path); anything else is read as a CSV."""
     text = str(path)
-    return "://" in text or Path(text).is_dir() or text.rstrip("/").endswith(".zarr")
+    return is_url(text) or text.startswith("file://") or Path(text).is_dir() or text.rstrip("/").endswith(".zarr")
 
 
 def open_prediction(path: str | Path) -> Prediction:

@@ -25,6 +25,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from segens.conventions.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
 from segens.conventions.dataset import SPLITS, ImageRecord, discover, image_size, read_image  # noqa: E402
 from segens.conventions.dice import dice_from_counts  # noqa: E402
+from segens.conventions.rle import BBox  # noqa: E402
 from segens.ensemble.evaluate import (
     BoxedMask,
     Prediction,
@@ -36,7 +37,6 @@ from segens.ensemble.evaluate import (
     truth_masks,
 )
 from segens.errors import SegensError  # noqa: E402
-from segens.conventions.rle import BBox  # noqa: E402
 
 PALETTE: tuple[str, ...] = (
     # finger-1 .. finger-19

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from segens.errors import SegensError
-from segens.infra.locations import is_url, local_path
+from segens.infra.locations import local_path
 
 Kind = Literal["file", "store", "folder"]
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from segens.conventions.classes import NUM_CLASSES
-from segens.errors import SegensError
-from segens.store import quantize, quantize_torch
 from segens.conventions.rle import BBox, bbox
+from segens.errors import SegensError
+from segens.store import SCALE, quantize, quantize_torch
 
-ZERO_LOGIT = math.log(0.5 / 254.5) - 1e-3
+ZERO_LOGIT = math.log(0.5 / (SCALE - 0.5)) - 1e-3
 """An output pixel whose 4 source logits are below this quantizes to 0 (sigmoid(x) * 255 < 0.5); the 1e-3
 margin absorbs float rounding."""
 

@@ -8,41 +8,20 @@ output on a dummy input. With a spec, the checkpoint is loaded exactly as ``ens 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segens.conventions.classes import CLASSES, NUM_CLASSES
+from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
-from segens.members.class_map import class_permutation, names_from
 from segens.infra.safeload import torch_load_data, torch_load_pickle
+from segens.members.base import CheckpointReport
+from segens.members.class_map import names_from
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DUMMY_SIDE = 256
 """Side of the dummy input when neither the checkpoint nor a spec gives an input size."""
-
-
-@dataclass
-class CheckpointReport:
-    """What ``ens inspect`` found; ``spec`` is the YAML a member spec for this checkpoint needs."""
-
-    path: Path
-    format: str
-    kind: str | None = None
-    architecture: str | None = None
-    encoder: str | None = None
-    class_names: list[str] | None = None
-    mapping: list[tuple[int, str, int]] | None = None  # (model channel, name, competition index)
-    recorded_input: dict[str, Any] | None = None
-    input_used: dict[str, Any] | None = None  # the spec's contract, when inspected with a spec
-    parameters: int | None = None
-    input_shape: tuple[int, ...] | None = None
-    output: str | None = None
-    needs_trust_pickle: bool = False
-    notes: list[str] = field(default_factory=list)
-    spec: dict[str, Any] = field(default_factory=dict)
 
 
 def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
@@ -73,34 +52,10 @@ def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
 
 
 def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointReport:
-    from segens.members.registry import factory
+    from segens.members.registry import build_member
     from segens.members.spec import load_spec
 
-    spec = load_spec(spec_path)
-    member = factory(spec.kind)(spec, trust_pickle=trust_pickle)
-    report = CheckpointReport(path, f"loaded as kind {spec.kind} by {spec_path}", kind=spec.kind)
-    if spec.kind == "yolo":
-        model = member._model(path, trusted=trust_pickle)
-        order, names = member._class_order(model, path)
-        _names(report, names)
-        report.parameters = sum(p.numel() for p in model.model.parameters())
-        report.output = f"ultralytics {model.task} model, {len(model.names)} classes"
-        report.spec = spec.to_dict()
-        return report
-    if not hasattr(member, "load"):
-        raise SegensError(f"{spec_path}: kind {spec.kind} has no checkpoints to inspect")
-    loaded = member.load(path)
-    _names(report, loaded.names)
-    module = loaded.module
-    report.parameters = sum(p.numel() for p in module.parameters()) if isinstance(module, torch.nn.Module) else None
-    shape = (1, spec.input.channels, *spec.input.size)
-    with torch.no_grad():
-        out = loaded(torch.zeros(shape, device=member.device), str(path))
-    report.input_shape, report.output = shape, f"{loaded.output_type} {tuple(out.shape)} (competition class order)"
-    report.input_used = spec.input.to_dict()
-    report.notes.append("the spec's input contract is used (a contract the checkpoint records was checked against it)")
-    report.spec = {key: value for key, value in spec.to_dict().items() if key != "checkpoints"}
-    return report
+    return build_member(load_spec(spec_path), trust_pickle=trust_pickle).describe(path)
 
 
 def _pretrained(path: Path) -> CheckpointReport:
@@ -130,9 +85,9 @@ def _weights(path: Path, payload: Any) -> CheckpointReport:
             report.spec["model"] = {"architecture": payload["architecture"], "encoder": payload["encoder"],
                                     "options": payload["options"]}
         return _describe_module(report, module, names_from(payload.get("classes")))
-    from segens.members.kinds.torch_member import _state_dict
+    from segens.members.kinds.torch_member import state_dict_of
 
-    state = _state_dict(payload, path)
+    state = state_dict_of(payload, path)
     report = CheckpointReport(path, f"state_dict ({len(state)} tensors)", kind=None,
                               parameters=sum(t.numel() for key, t in state.items() if not key.endswith(_BUFFERS)))
     report.notes.append("a state_dict holds no architecture: inspect it again with --spec, using kind smp "
@@ -154,7 +109,7 @@ def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
         model = payload.get("model") or payload["ema"]
         report = CheckpointReport(path, "ultralytics checkpoint", kind="yolo", needs_trust_pickle=True,
                                   architecture=str(payload["train_args"].get("model")))
-        _names(report, names_from(getattr(model, "names", None)))
+        report.set_class_names(names_from(getattr(model, "names", None)))
         report.parameters = sum(p.numel() for p in model.parameters())
         size = payload["train_args"].get("imgsz")
         report.output = f"{getattr(model, 'task', 'segment')} model trained at imgsz {size}"
@@ -172,22 +127,9 @@ def _pickled(path: Path, trust_pickle: bool) -> CheckpointReport:
     return _describe_module(report, payload, names_from(getattr(payload, "classes", None)))
 
 
-def _names(report: CheckpointReport, names: list[str] | None) -> None:
-    report.class_names = names
-    if names is None:
-        return
-    try:
-        order = class_permutation(names, str(report.path))
-    except SegensError as exc:
-        report.notes.append(str(exc))
-        return
-    order = order or list(range(NUM_CLASSES))
-    report.mapping = [(order[index], name, index) for index, name in enumerate(CLASSES)]
-
-
 def _describe_module(report: CheckpointReport, module: Any, names: list[str] | None) -> CheckpointReport:
     """Parameters, class mapping, a dummy forward and the spec fields it implies."""
-    _names(report, names)
+    report.set_class_names(names)
     if isinstance(module, torch.nn.Module):
         module.eval()
         report.parameters = sum(p.numel() for p in module.parameters())

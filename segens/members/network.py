@@ -17,6 +17,7 @@ measures both).
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,39 +29,14 @@ import torch.nn.functional as F
 
 from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
+from segens.members.base import CheckpointReport, NetworkMember
 from segens.members.class_map import channel_order
 from segens.members.decode import passes_to_uint8, passes_to_uint8_torch
 from segens.members.spec import MemberSpec
+from segens.members.tta import Pass, mean_in_order, tta_passes
 from segens.store import quantize
 
 OUTPUT_TYPES = ("logits", "probabilities")
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One test-time pass: flips and the input scale (1 is the spec's input size)."""
-
-    hflip: bool = False
-    vflip: bool = False
-    scale: float = 1.0
-
-
-def tta_passes(tta: Sequence[Any]) -> list[Pass]:
-    """The plain pass followed by one pass per TTA entry, in the spec's order."""
-    passes = [Pass()]
-    for entry in tta:
-        if entry == "hflip":
-            passes.append(Pass(hflip=True))
-        elif entry == "vflip":
-            passes.append(Pass(vflip=True))
-        else:
-            passes.append(Pass(scale=float(entry["scale"])))
-    return passes
-
-
-def scaled_size(size: Sequence[int], scale: float, stride: int) -> tuple[int, int]:
-    """``size`` x ``scale`` with each side rounded to a multiple of ``stride`` (at least one stride)."""
-    return tuple(max(stride, int(round(side * scale / stride)) * stride) for side in size)  # type: ignore[return-value]
 
 
 def output_of(raw: Any, key: str | None, where: str) -> torch.Tensor:
@@ -115,19 +91,17 @@ class LoadedModel:
         return out.float()
 
 
-class NetworkMember:
-    """Base of the adapters whose members run a network. Subclasses implement ``load(path) -> LoadedModel``
-    (``self.trust_pickle`` says whether whole pickled models may load) and may set ``stride``."""
+class TorchModuleMember(NetworkMember):
+    """Base of the kinds whose network is a torch module giving maps at its input's resolution (smp, torch).
+    Subclasses implement ``load(path) -> LoadedModel`` (``self.trust_pickle`` says whether whole pickled models
+    may load) and may set ``stride``."""
 
-    uses_folds = True
     stride = 32
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        self.spec = spec
-        self.where = spec.where
+        super().__init__(spec, device, trust_pickle)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        self.trust_pickle = trust_pickle
         self.passes = tta_passes(spec.tta)
         self._models: dict[int, LoadedModel] = {}
         cuda = self.device.type == "cuda"
@@ -138,14 +112,27 @@ class NetworkMember:
             torch.backends.cudnn.benchmark = True
 
     # ---- what a kind provides -------------------------------------------------------------------------------
+    @abstractmethod
     def load(self, path: Path) -> LoadedModel:
         """A model from a checkpoint file or folder (checked with ``checked``)."""
-        raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------------------------------------
-    def read_image(self, path: str | Path) -> np.ndarray:
-        """An image as the input contract reads it: (H, W) gray or (H, W, 3) colour uint8."""
-        return self.spec.input.read(path)
+    def describe(self, path: Path) -> CheckpointReport:
+        """The checkpoint loaded as prediction loads it, and its output on a dummy input of the contract's shape."""
+        report = CheckpointReport.of_spec(path, self.spec)
+        loaded = self.load(path)
+        report.set_class_names(loaded.names)
+        module = loaded.module
+        report.parameters = sum(p.numel() for p in module.parameters()) if isinstance(module, torch.nn.Module) else None
+        shape = (1, self.spec.input.channels, *self.spec.input.size)
+        with torch.no_grad():
+            out = loaded(torch.zeros(shape, device=self.device), str(path))
+        report.input_shape, report.output = shape, f"{loaded.output_type} {tuple(out.shape)} (competition class order)"
+        report.input_used = self.spec.input.to_dict()
+        report.notes.append("the spec's input contract is used (a contract the checkpoint records was checked against "
+                            "it)")
+        report.spec = {key: value for key, value in self.spec.to_dict().items() if key != "checkpoints"}
+        return report
 
     def class_order(self, model_names: Sequence[str] | None, path: Path) -> tuple[list[int] | None, list[str] | None]:
         """(order, names) from the checkpoint's class names or the spec's ``classes``."""
@@ -174,7 +161,7 @@ class NetworkMember:
         return self._models[fold]
 
     def _pass_input(self, images: Sequence[np.ndarray], tta: Pass, cache: dict) -> torch.Tensor:
-        size = scaled_size(self.spec.input.size, tta.scale, self.stride) if tta.scale != 1 else self.spec.input.size
+        size = tta.input_size(self.spec.input.size, self.stride)
         if size not in cache:
             batch = self.spec.input.batch(images, size)
             if self.device.type == "cuda":
@@ -182,12 +169,7 @@ class NetworkMember:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             cache[size] = batch.to(self.device)
-        batch = cache[size]
-        if tta.hflip:
-            batch = batch.flip(-1)
-        if tta.vflip:
-            batch = batch.flip(-2)
-        return batch
+        return tta.flip(cache[size])
 
     def model_passes(self, model: LoadedModel, images: Sequence[np.ndarray],
                      on_device: bool = False) -> list[list[torch.Tensor]]:
@@ -197,11 +179,7 @@ class NetworkMember:
         cache: dict = {}
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             for tta in self.passes:
-                out = model(self._pass_input(images, tta, cache), self.where)
-                if tta.hflip:
-                    out = out.flip(-1)
-                if tta.vflip:
-                    out = out.flip(-2)
+                out = tta.flip(model(self._pass_input(images, tta, cache), self.where))
                 out = out.float() if on_device else out.float().cpu()
                 for index in range(len(images)):
                     outputs[index].append(out[index])
@@ -251,9 +229,8 @@ class NetworkMember:
 def average_passes(passes: Sequence[torch.Tensor], height: int, width: int, probabilities: bool = False) -> torch.Tensor:
     """The float32 definition: each (C, h, w) pass upsampled bilinearly (align_corners=False) to (height, width),
     sigmoid unless already ``probabilities``, summed in order and divided by the count."""
-    total = None
-    for output in passes:
-        term = F.interpolate(output.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        term = term if probabilities else torch.sigmoid(term)
-        total = term if total is None else total + term
-    return total / np.float32(len(passes))
+    def term(output: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(output.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return up if probabilities else torch.sigmoid(up)
+
+    return mean_in_order(term(output) for output in passes)

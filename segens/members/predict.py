@@ -24,18 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend, worker_count
-from segens.store.location import shared_location, store_options
-from segens.conventions.dataset import ImageRecord, discover, read_image
+from segens.conventions.dataset import ImageRecord
 from segens.errors import SegensError
-from segens.folds.splits import load_folds
-from segens.members.registry import factory
-from segens.members.spec import MemberSpec, load_spec, sha256_of
-from segens.store import ProbabilityStore, create_store, quantize
+from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend, worker_count
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
+from segens.members.registry import build_member
+from segens.members.spec import MemberSpec, load_spec, sha256_of
+from segens.store import ProbabilityStore, create_store
+from segens.store.location import shared_location, store_options
 
 CHUNKS_PER_WORKER = 4
 """The parallel path splits the images to do into about this many chunks per worker (whole batches each)."""
@@ -56,43 +53,6 @@ class PredictSummary:
     seconds: float
 
 
-def plan(spec: MemberSpec, split: str, root: str | Path, folds_path: str | Path | None) -> list[tuple[ImageRecord, tuple[int, ...]]]:
-    """Each image of the split with the folds whose checkpoints predict it, checked against the spec."""
-    if split == "oof":
-        if folds_path is None:
-            raise SegensError("--split oof needs --folds folds.json: each training image is predicted by the "
-                              "checkpoint of the fold that held it out")
-        folds = load_folds(folds_path, root=root)
-        records = discover(root, "train").records
-        jobs = [(record, (folds.fold_of(record.key),)) for record in records]
-    elif split == "test":
-        records = discover(root, "test", require_labels=False).records
-        every_fold = tuple(sorted(spec.checkpoints))
-        if not every_fold:
-            raise SegensError(f"{spec.path}: member {spec.name!r} has no checkpoints; run `ens train-member` first")
-        jobs = [(record, every_fold) for record in records]
-    else:
-        raise SegensError(f"unknown split {split!r}; use oof or test")
-    for fold in sorted({fold for _, folds_used in jobs for fold in folds_used}):
-        spec.checkpoint(fold)  # a missing checkpoint is an error before anything is written
-    return jobs
-
-
-def verified_checkpoints(spec: MemberSpec, folds_used: set[int]) -> dict[int, dict[str, str]]:
-    """fold -> {path, sha256} of the checkpoints in use, each file's hash checked against the spec."""
-    checkpoints = {}
-    for fold in sorted(folds_used):
-        checkpoint = spec.checkpoint(fold)
-        if not checkpoint.path.exists():
-            raise SegensError(f"{checkpoint.path}: checkpoint of fold {fold} (member {spec.name}) not found")
-        actual = sha256_of(checkpoint.path)
-        if actual != checkpoint.sha256:
-            raise SegensError(f"{checkpoint.path}: sha256 {actual[:12]}... differs from the spec's "
-                              f"{checkpoint.sha256[:12]}...; the file changed since `ens train-member` wrote it")
-        checkpoints[fold] = {"path": str(checkpoint.path), "sha256": checkpoint.sha256}
-    return checkpoints
-
-
 def _batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int) -> Iterator[list]:
     """Consecutive images that share the same folds, at most ``size`` at a time."""
     batch: list = []
@@ -103,29 +63,6 @@ def _batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int) -> 
         batch.append(job)
     if batch:
         yield batch
-
-
-def read_batch(member, records: Sequence[ImageRecord]) -> list[np.ndarray] | None:
-    """The decoded images of a batch as the member reads them (its input contract); None for kinds that read no
-    pixels (csv)."""
-    if not getattr(member, "uses_folds", True):
-        return None
-    read = getattr(member, "read_image", read_image)  # network kinds read by their input contract
-    return [read(record.image_path) for record in records]
-
-
-def predict_batch(member, records: Sequence[ImageRecord], folds_used: Sequence[int], split: str,
-                  images: Sequence[np.ndarray] | None = None) -> list[tuple[np.ndarray, list | None]]:
-    """(29, H, W) uint8 probabilities per record with per-class boxes (None: computed on write). Kinds with a
-    fast quantized path (smp) use it; others' float32 maps are quantized here; csv reads its CSV, not pixels.
-    ``images`` are the records' decoded images when already read (``read_batch``)."""
-    if not getattr(member, "uses_folds", True):
-        return [(values, None) for values in member.predict_records(records, split)]
-    if images is None:
-        images = read_batch(member, records)
-    if hasattr(member, "predict_uint8"):
-        return member.predict_uint8(images, folds_used)
-    return [(quantize(probabilities), None) for probabilities in member.predict(images, folds_used)]
 
 
 def planned_batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: int,
@@ -159,16 +96,10 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     check_outputs([Output(out, "store", "--out", resumable=True)], inputs=[spec_path, root, folds_path],
                   overwrite=overwrite)
     spec = load_spec(spec_path)
-    member = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+    member = build_member(spec, device=device, trust_pickle=trust_pickle)
     if backend == "dask":
         root = Path(root).resolve()  # workers read the images by these paths, from their own working directory
-    if getattr(member, "uses_folds", True):
-        jobs_planned = plan(spec, split, root, folds_path)
-        checkpoints = verified_checkpoints(spec, {fold for _, folds_used in jobs_planned for fold in folds_used})
-    else:
-        records = discover(root, "train" if split == "oof" else "test", require_labels=False).records
-        member.check_images(split, records)
-        jobs_planned, checkpoints = [(record, ()) for record in records], member.checkpoints_for(split)
+    jobs_planned, checkpoints = member.plan(split, root, folds_path)
     location = shared_location(out, backend)
     with parallel_backend(backend, scheduler) as client:  # reach the cluster before anything is written
         store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), checkpoints,
@@ -190,7 +121,7 @@ def _write_batch(member, store: ProbabilityStore, batch: list, split: str, done:
     """Predict one whole batch (images sharing their folds) and write each image not in ``done``; yields keys as
     they are written."""
     records = [record for record, _ in batch]
-    for record, (values, boxes) in zip(records, predict_batch(member, records, batch[0][1], split), strict=True):
+    for record, (values, boxes) in zip(records, member.predict_batch(records, batch[0][1], split), strict=True):
         if record.key not in done:
             store.write_image(record.key, values, boxes)
             yield record.key
@@ -224,7 +155,7 @@ def _pipelined(member, store: ProbabilityStore, batches: list[list], done: set[s
         def read_next() -> None:
             batch = next(upcoming, None)
             if batch is not None:
-                reads.append(readers.submit(read_batch, member, [record for record, _ in batch]))
+                reads.append(readers.submit(member.read_batch, [record for record, _ in batch]))
                 pending.append(batch)
 
         try:
@@ -234,7 +165,7 @@ def _pipelined(member, store: ProbabilityStore, batches: list[list], done: set[s
                 batch, images = pending.popleft(), reads.popleft().result()
                 read_next()
                 records = [record for record, _ in batch]
-                results = predict_batch(member, records, batch[0][1], split, images=images)
+                results = member.predict_batch(records, batch[0][1], split, images=images)
                 del images
                 for record, (values, boxes) in zip(records, results, strict=True):
                     if record.key in done:
@@ -292,7 +223,7 @@ def worker_member(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: b
         member = _WORKER_MEMBERS.get(key)
         if member is None:
             _WORKER_MEMBERS.clear()  # only the latest member stays: a long-lived worker never piles up models
-            member = _WORKER_MEMBERS[key] = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+            member = _WORKER_MEMBERS[key] = build_member(spec, device=device, trust_pickle=trust_pickle)
     return member
 
 

@@ -1,8 +1,6 @@
-"""The registry of member kinds: a new kind of member is one new module that calls ``register``.
-
-An adapter exposes ``predict(images, folds) -> (29, H, W) float32 probabilities`` through an object built once
-per process (see segens.members.base); kinds that run a network subclass segens.members.network.NetworkMember
-and only say how they load a model."""
+"""The registry of member kinds: a new kind of member is one new module whose adapter class (a subclass of
+segens.members.base.NetworkMember or ImportedMember) is decorated with ``@register("kind")``. The built-in kinds'
+modules are imported on first use."""
 
 from __future__ import annotations
 
@@ -13,14 +11,16 @@ from typing import Any
 from segens.errors import SegensError
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
-BUILTIN_KINDS = {"smp": "segens.members.kinds.smp", "yolo": "segens.members.kinds.yolo", "csv": "segens.members.kinds.csv_member",
-                 "torch": "segens.members.kinds.torch_member"}
+BUILTIN_KINDS = {"smp": "segens.members.kinds.smp", "yolo": "segens.members.kinds.yolo",
+                 "csv": "segens.members.kinds.csv_member", "torch": "segens.members.kinds.torch_member"}
 
 
 def register(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register a factory (a class or function) that builds an adapter for member kind ``kind``."""
+    """Class decorator: register the adapter class of member kind ``kind`` (and name the class's kind)."""
 
     def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        if isinstance(factory, type):
+            factory.kind = kind
         _FACTORIES[kind] = factory
         return factory
 
@@ -30,6 +30,11 @@ def register(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def kinds() -> list[str]:
     """Every known kind (built-in kinds are imported lazily, only when used)."""
     return sorted(set(BUILTIN_KINDS) | set(_FACTORIES))
+
+
+def build_member(spec: Any, device: str = "cpu", trust_pickle: bool = False) -> Any:
+    """The adapter of a member spec (segens.members.base.Member), built once per process."""
+    return factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
 
 
 def factory(kind: str) -> Callable[..., Any]:

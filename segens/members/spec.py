@@ -31,10 +31,10 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from segens.infra.atomic import atomic_write_text
 from segens.errors import SegensError
-from segens.members.input_contract import MAX_SIDE, InputContract
+from segens.infra.atomic import atomic_write_text
 from segens.infra.safeload import check_name, load_yaml, validate
+from segens.members.input_contract import MAX_SIDE, InputContract
 
 SPEC_VERSION = 2
 READABLE_VERSIONS = (1, 2)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from joblib import Parallel, delayed
 
-from segens.infra.backend import check_jobs
 from segens.conventions.dataset import discover
 from segens.errors import SegensError
-from segens.folds.splits import load_folds
-from segens.members.base import FoldResult
-from segens.members.registry import factory
-from segens.members.spec import load_spec, save_spec
+from segens.folds.file import load_folds
+from segens.infra.backend import check_jobs
 from segens.infra.outputs import Output, check_outputs
+from segens.members.base import FoldResult
+from segens.members.registry import build_member
+from segens.members.spec import load_spec, save_spec
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _train_one(spec_path: Path, root: Path, folds_path: Path, number: int, devic
     records = discover(root, "train").by_key()
     train = [records[key] for key in folds.train_keys(number)]
     val = [records[key] for key in folds.keys_in(number)]
-    member = factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+    member = build_member(spec, device=device, trust_pickle=trust_pickle)
     return number, member.train_fold(number, train, val, base / f"fold{number}", progress=progress), len(train), len(val)
 
 
@@ -78,7 +78,7 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
                           "into the spec (atomically, beside it); copy the spec to a writable folder")
     folds = load_folds(folds_path, root=root)
     chosen = parse_fold_choice(fold, folds.k)
-    factory(spec.kind)(spec, device=device)  # validates the spec's kind-specific fields up front
+    build_member(spec, device=device)  # validates the spec's kind-specific fields up front
     tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1,
                                  trust_pickle) for number in chosen)
     summaries = []

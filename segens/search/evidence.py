@@ -22,7 +22,7 @@ import numpy as np
 from segens.conventions.dataset import ImageRecord
 from segens.conventions.labels import read_label_mask
 from segens.ensemble.stores import union_box
-from segens.store import ProbabilityStore
+from segens.store import SCALE, ProbabilityStore
 
 THRESHOLDS = (np.arange(255, dtype=np.float64) + 0.5) / 255  # midpoints between quantization levels; 0.5 is one
 SAFETY = 0.01  # in quantization steps: keeps float32 rounding of s from crossing a fixed pixel's side
@@ -144,8 +144,8 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
                     thresholds: np.ndarray) -> dict[int, ClassEvidence]:
     """The evidence of ``channels`` over ``records``: each image's label rasterised once, each store's class regions
     read once, only the ambiguous pixels kept (channel -> ClassEvidence)."""
-    low = float(thresholds.min()) * 255 - SAFETY
-    high = float(thresholds.max()) * 255 + SAFETY
+    low = float(thresholds.min()) * SCALE - SAFETY
+    high = float(thresholds.max()) * SCALE + SAFETY
     members, count = len(stores), len(records)
     pieces: dict[int, dict[str, list]] = {channel: {name: [] for name in ("values", "truth", "count", "image",
                                                                            "position", "row", "bits")}

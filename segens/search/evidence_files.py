@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segens.infra.atomic import atomic_write
 from segens.conventions.classes import NUM_CLASSES
 from segens.conventions.dataset import ImageRecord
+from segens.infra.atomic import atomic_write
 from segens.search.evidence import FIELDS, ClassEvidence, concatenate, extract_classes
 from segens.store import ProbabilityStore
 

@@ -24,15 +24,15 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pydantic
 
-from segens.infra.atomic import atomic_write_text
 from segens.conventions.classes import NUM_CLASSES
-from segens.voting.recipe import POSTPROCESSING
+from segens.errors import SegensError
+from segens.infra.atomic import atomic_write_text
+from segens.infra.safeload import load_json, validate
 from segens.search.class_search import ClassResult
 from segens.search.levels import LEVEL_NAMES
-from segens.voting.base import Choice
-from segens.errors import SegensError
 from segens.store import ProbabilityStore
-from segens.infra.safeload import load_json, validate
+from segens.voting.base import Choice
+from segens.voting.recipe import POSTPROCESSING
 
 FORMAT = 4  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
 #   3: the level kept by the no-loss rule, evidence batches beside the classes; 4: each fold's recipe figure from

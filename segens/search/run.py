@@ -13,7 +13,7 @@ from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import discover
 from segens.ensemble.stores import check_stores
 from segens.errors import SegensError
-from segens.folds.splits import load_folds
+from segens.folds.file import load_folds
 from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar

@@ -17,7 +17,7 @@ def open_zarr(url: str, storage_options: dict[str, Any] | None, read_only: bool)
     """A zarr store for a local path (or file:// URL) or an fsspec URL (``s3://...`` with ``storage_options``)."""
     if url.startswith("file://"):
         url = url[len("file://"):]  # zarr's LocalStore: atomic writes; fsspec's local file system makes no folders
-    if "://" in url:
+    if is_url(url):
         # other processes add images: a cached directory listing (s3fs caches them per process) would hide them
         options = {"use_listings_cache": False, **(storage_options or {})}
         return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
@@ -32,7 +32,7 @@ def shared_location(location: str | Path, backend: str) -> str:
     """A store location as workers must see it: URLs unchanged; with Dask, local paths made absolute (a worker's
     working directory is not the client's)."""
     location = str(location)
-    if backend == "local" or "://" in location:
+    if backend == "local" or is_url(location) or location.startswith("file://"):
         return location
     return str(Path(location).resolve())
 

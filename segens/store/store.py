@@ -22,8 +22,18 @@ from zarr.core.sync import sync
 from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
 from segens.store.format import BLOSC, CHUNK_SIDE, COMPRESSOR, check_key, is_temporary, repair_advice
-from segens.store.image import (ImageMetadata, box_json, box_selection, check_boxes, check_probs, encode_chunk,
-                                image_boxes, nonzero_chunks, valid_metadata, with_digest)
+from segens.store.image import (
+    ImageMetadata,
+    box_json,
+    box_selection,
+    check_boxes,
+    check_probs,
+    encode_chunk,
+    image_boxes,
+    nonzero_chunks,
+    valid_metadata,
+    with_digest,
+)
 from segens.store.location import open_zarr
 from segens.store.quantize import dequantize
 

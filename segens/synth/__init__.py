@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segens.errors import SegensError
 from segens.conventions.labels import write_label_json
 from segens.conventions.metadata import write_metadata
+from segens.errors import SegensError
 from segens.synth.anatomy import build_hand, sample_patient_traits, sample_pose
 from segens.synth.preview import preview
 from segens.synth.render import render_radiograph

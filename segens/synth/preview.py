@@ -10,8 +10,8 @@ import numpy as np
 
 from segens.conventions.classes import CLASS_TO_INDEX, NUM_CLASSES
 from segens.conventions.dataset import discover, read_image
-from segens.errors import SegensError
 from segens.conventions.labels import parse_label_json
+from segens.errors import SegensError
 
 TILE = 512  # pixels per image in the sheet
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segens.infra.atomic import atomic_write
 from segens.conventions.dataset import ImageRecord
-from segens.errors import SegensError
 from segens.conventions.labels import check_points_inside, parse_label_json, rasterize
+from segens.errors import SegensError
+from segens.infra.atomic import atomic_write
 from segens.infra.progress import progress_bar
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from rich.progress import TextColumn
 
-from segens.infra.atomic import atomic_write, atomic_write_text
 from segens.conventions.dataset import ImageRecord
 from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
+from segens.infra.atomic import atomic_write, atomic_write_text
 from segens.infra.progress import console, progress_bar
 from segens.infra.safeload import torch_load_data, torch_load_pickle
 from segens.training.augment import Augment

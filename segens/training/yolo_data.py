@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from segens.infra.atomic import atomic_write_text
 from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
 from segens.conventions.dataset import ImageRecord, image_size
-from segens.errors import SegensError
 from segens.conventions.labels import check_points_inside, parse_label_json
+from segens.errors import SegensError
+from segens.infra.atomic import atomic_write_text
 
 SPLITS = ("train", "val")
 _DECIMALS = 6  # 1e-6 of a 2048-px side is 0.002 px: integer points survive the round trip

@@ -23,12 +23,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from segens.infra.atomic import atomic_write_text
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.errors import SegensError
+from segens.infra.atomic import atomic_write_text
 from segens.infra.safeload import load_json, validate
-from segens.voting.morphology import STEPS
 from segens.voting import registry
+from segens.voting.morphology import STEPS
 
 POSTPROCESSING = tuple(STEPS)
 """The post-processing steps a recipe may name, in the order they are tried (segens.voting.morphology)."""

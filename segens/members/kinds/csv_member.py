@@ -17,30 +17,27 @@ from pathlib import Path
 import numpy as np
 
 from segens.conventions.dataset import ImageRecord, image_size
-from segens.errors import SegensError
-from segens.members.registry import register
-from segens.members.spec import MemberSpec, sha256_of
 from segens.conventions.rle import decode_stack
 from segens.conventions.submission import Submission, read_submission
+from segens.errors import SegensError
+from segens.members.base import ImportedMember
+from segens.members.registry import register
+from segens.members.spec import MemberSpec, sha256_of
+from segens.store import SCALE
 
 SPLIT_FIELDS = ("oof", "test")
 IDENTITY_FORMAT = "segens-csv-member/1"
 
 
 @register("csv")
-class CsvMember:
+class CsvMember(ImportedMember):
     """Adapter that reads masks from a submission CSV instead of running a network."""
 
-    uses_folds = False
+    model_fields = SPLIT_FIELDS  # a CSV path per split
+    cannot_train = "its masks are read from submission CSVs"
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        where = str(spec.path or spec.name)
-        unknown = sorted(set(spec.model) - set(SPLIT_FIELDS))
-        if unknown:
-            raise SegensError(f"{where}: unknown model field(s) {', '.join(unknown)} for kind csv; "
-                              f"allowed: {', '.join(SPLIT_FIELDS)} (a CSV path per split)")
-        self.spec = spec
-        self.where = where
+        super().__init__(spec, device, trust_pickle)
         self._submissions: dict[str, Submission] = {}
 
     def csv_path(self, split: str) -> Path:
@@ -95,5 +92,5 @@ class CsvMember:
         for record in records:
             height, width = image_size(record.image_path)
             masks = decode_stack(submission.image(record.name), height, width, f"{submission.path} {record.name}")
-            maps.append(masks.view(np.uint8) * np.uint8(255))
+            maps.append(masks.view(np.uint8) * np.uint8(SCALE))
         return maps

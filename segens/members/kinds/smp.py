@@ -24,23 +24,17 @@ from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import ImageRecord, read_record_mask
 from segens.conventions.dice import DiceTable, dice_per_class
 from segens.errors import SegensError
+from segens.infra.safeload import torch_load_data, torch_load_pickle
 from segens.members.base import FoldResult
 from segens.members.class_map import names_from
-from segens.members.network import LoadedModel, NetworkMember, average_passes, load_weights
+from segens.members.network import LoadedModel, TorchModuleMember, average_passes, load_weights, output_of
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
-from segens.infra.safeload import torch_load_data, torch_load_pickle
 from segens.training.loop import NetworkRecipe, train_network_fold
-from segens.training.settings import TRAIN_FIELDS, parse_settings
+from segens.training.settings import TRAIN_FIELDS, TrainSettings, parse_settings
 
 MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")
 CHECKPOINT_FORMAT = "segens-smp"
-
-
-def _check_fields(section: dict, allowed: Sequence[str], where: str, name: str) -> None:
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise SegensError(f"{where}: unknown {name} field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
 def build_model(architecture: str, encoder: str, encoder_weights: str | None = None, in_channels: int = 3,
@@ -73,15 +67,6 @@ def build_model(architecture: str, encoder: str, encoder_weights: str | None = N
             raise SegensError(f"{where}: encoder weights {encoder_weights!r} for {encoder} could not be loaded "
                               f"({exc}); nothing can be downloaded here: use encoder_weights: null or cache them") from None
         raise
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a forward pass that returns a tensor, a dict with 'out', or a tuple/list (first item)."""
-    if isinstance(output, dict):
-        return output["out"]
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
 
 
 def _module(model: Any, path: Path) -> torch.nn.Module:
@@ -128,23 +113,31 @@ def pretrained_class_names(folder: Path) -> list[str] | None:
 
 
 @register("smp")
-class SmpMember(NetworkMember):
+class SmpMember(TorchModuleMember):
     """Adapter for smp models: builds, trains one fold at a time, loads checkpoints; prediction is the shared
     network path (segens.members.network)."""
 
+    model_fields = MODEL_FIELDS
+    train_fields = TRAIN_FIELDS
+
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        where = spec.where
-        _check_fields(spec.model, MODEL_FIELDS, where, "model")
-        self.settings = parse_settings(spec.train, where, TRAIN_FIELDS)
-        for required in ("architecture", "encoder"):
-            if required not in spec.model:
-                raise SegensError(f"{where}: model.{required} is required for kind smp (e.g. UnetPlusPlus, vgg19)")
-        if any(side % 32 for side in spec.input.size):
-            raise SegensError(f"{where}: input size {list(spec.input.size)} must be a multiple of 32 for smp models")
-        if int(spec.model.get("in_channels", spec.input.channels)) != spec.input.channels:
-            raise SegensError(f"{where}: model.in_channels {spec.model['in_channels']} differs from input.channels "
-                              f"{spec.input.channels}; set input.channels only")
         super().__init__(spec, device, trust_pickle)
+        if any(side % 32 for side in spec.input.size):
+            raise SegensError(f"{self.where}: input size {list(spec.input.size)} must be a multiple of 32 for smp models")
+
+    def parse_model(self, section: dict[str, Any]) -> dict[str, Any]:
+        """The architecture and encoder (both required); ``in_channels`` only as the input contract says."""
+        for required in ("architecture", "encoder"):
+            if required not in section:
+                raise SegensError(f"{self.where}: model.{required} is required for kind smp (e.g. UnetPlusPlus, vgg19)")
+        channels = self.spec.input.channels
+        if int(section.get("in_channels", channels)) != channels:
+            raise SegensError(f"{self.where}: model.in_channels {section['in_channels']} differs from input.channels "
+                              f"{channels}; set input.channels only")
+        return section
+
+    def parse_train(self, section: dict[str, Any]) -> TrainSettings:
+        return parse_settings(section, self.where, TRAIN_FIELDS)
 
     # ---- models and checkpoints -------------------------------------------------------------------------
     def new_model(self) -> torch.nn.Module:
@@ -207,8 +200,9 @@ class SmpMember(NetworkMember):
             raise SegensError(f"{self.where}: 'classes' gives the channel order of a checkpoint trained elsewhere; "
                               "segens trains in the competition's order: remove 'classes' to train this member")
         recipe = NetworkRecipe(self.spec.name, self.where, self.spec.input, self.new_model, self._checkpoint_payload,
-                               score=lambda path: self.validate(self.load(path).module, val), logits=logits_of)
-        trained = train_network_fold(recipe, self.settings, fold, train, val, Path(out_dir), self.device, progress,
+                               score=lambda path: self.validate(self.load(path).module, val),
+                               logits=lambda output: output_of(output, None, self.where))
+        trained = train_network_fold(recipe, self.train_settings, fold, train, val, Path(out_dir), self.device, progress,
                                      self.trust_pickle)
         return FoldResult(Checkpoint(trained.best_path, sha256_of(trained.best_path), trained.val_dice),
                           trained.history)

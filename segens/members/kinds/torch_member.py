@@ -27,20 +27,16 @@ import importlib.util
 import sys
 import warnings
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segens.conventions.dataset import ImageRecord
 from segens.errors import SegensError
-from segens.members.base import FoldResult
-from segens.members.class_map import names_from
-from segens.members.network import OUTPUT_TYPES, LoadedModel, NetworkMember, load_weights
-from segens.members.registry import register
-from segens.members.spec import MemberSpec
 from segens.infra.safeload import torch_load_data, torch_load_pickle
+from segens.members.class_map import names_from
+from segens.members.network import OUTPUT_TYPES, LoadedModel, TorchModuleMember, load_weights
+from segens.members.registry import register
 
 MODEL_FIELDS = ("factory", "kwargs", "output", "format", "stride")
 FORMATS = ("auto", "torchscript", "state_dict", "pickle")
@@ -84,19 +80,16 @@ def import_factory(factory: str, where: str, base: Path | None = None) -> Any:
 
 
 @register("torch")
-class TorchMember(NetworkMember):
+class TorchMember(TorchModuleMember):
     """Adapter for user networks: loads TorchScript, factory + state_dict or (trusted) pickled models."""
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        where = spec.where
-        unknown = sorted(set(spec.model) - set(MODEL_FIELDS))
-        if unknown:
-            raise SegensError(f"{where}: unknown model field(s) {', '.join(unknown)} for kind torch; "
-                              f"allowed: {', '.join(MODEL_FIELDS)}")
-        if spec.train:
-            raise SegensError(f"{where}: kind torch has no 'train' settings: its models are trained by your own "
-                              "script; remove the section")
-        output = spec.model.get("output") or {}
+    model_fields = MODEL_FIELDS
+    cannot_train = "its models are trained by your own script"
+
+    def parse_model(self, section: dict[str, Any]) -> dict[str, Any]:
+        """The output convention, checkpoint format, factory keyword arguments and stride, checked."""
+        where = self.where
+        output = section.get("output") or {}
         if not isinstance(output, dict) or set(output) - {"type", "key"}:
             raise SegensError(f"{where}: model.output must be a mapping with 'type' and/or 'key', got {output!r}")
         self.output_type = output.get("type", "logits")
@@ -105,17 +98,16 @@ class TorchMember(NetworkMember):
         self.output_key = output.get("key")
         if self.output_key is not None and not isinstance(self.output_key, str):
             raise SegensError(f"{where}: model.output.key must be a string, got {self.output_key!r}")
-        self.format = spec.model.get("format", "auto")
+        self.format = section.get("format", "auto")
         if self.format not in FORMATS:
             raise SegensError(f"{where}: model.format {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
-        kwargs = spec.model.get("kwargs") or {}
-        if not isinstance(kwargs, dict):
+        if not isinstance(section.get("kwargs") or {}, dict):
             raise SegensError(f"{where}: model.kwargs must be a mapping of the factory's keyword arguments")
-        stride = spec.model.get("stride", 32)
+        stride = section.get("stride", 32)
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise SegensError(f"{where}: model.stride must be a positive integer, got {stride!r}")
         self.stride = stride
-        super().__init__(spec, device, trust_pickle)
+        return section
 
     def load(self, path: Path) -> LoadedModel:
         """A checked model with its output convention and class order."""
@@ -144,7 +136,7 @@ class TorchMember(NetworkMember):
             if self.format == "state_dict":
                 raise SegensError(f"{path}: holds pickled objects, not a state_dict (model.format is state_dict)")
             return self._pickled(path)
-        return self._from_state_dict(_state_dict(payload, path), path)
+        return self._from_state_dict(state_dict_of(payload, path), path)
 
     def _pickled(self, path: Path) -> torch.nn.Module:
         if not self.trust_pickle:
@@ -176,13 +168,8 @@ class TorchMember(NetworkMember):
         return load_weights(self.build(), state, f"{path}: the state_dict does not fit the module of model.factory "
                                                  f"{self.spec.model.get('factory')!r}")
 
-    def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
-                   progress: bool = True) -> FoldResult:
-        raise SegensError(f"{self.where}: kind torch members are trained by your own script; put each fold's "
-                          "checkpoint in the spec's checkpoints and run `ens predict-member`")
 
-
-def _state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
+def state_dict_of(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     """A state_dict, possibly nested under a common key ({"state_dict": ...}, {"model": ...})."""
     if isinstance(payload, dict):
         for key in STATE_KEYS:

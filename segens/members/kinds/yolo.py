@@ -41,18 +41,18 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import LOGGER  # noqa: E402
 from ultralytics.utils.patches import torch_load  # noqa: E402
 
-from segens.infra.atomic import atomic_write_text  # noqa: E402
 from segens.conventions.classes import NUM_CLASSES  # noqa: E402
 from segens.conventions.dataset import ImageRecord, read_record_mask  # noqa: E402
 from segens.conventions.dice import DiceTable, dice_per_class  # noqa: E402
 from segens.errors import SegensError  # noqa: E402
-from segens.members.base import FoldResult  # noqa: E402
+from segens.infra.atomic import atomic_write_text  # noqa: E402
+from segens.members.base import CheckpointReport, FoldResult, NetworkMember  # noqa: E402
 from segens.members.class_map import channel_order, names_from  # noqa: E402
 from segens.members.input_contract import InputContract  # noqa: E402
 from segens.members.kinds.yolo_masks import soft_predict  # noqa: E402
-from segens.members.network import scaled_size, tta_passes  # noqa: E402
 from segens.members.registry import register  # noqa: E402
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of  # noqa: E402
+from segens.members.tta import mean_in_order, tta_passes  # noqa: E402
 from segens.training.yolo_data import write_fold_dataset  # noqa: E402
 
 MODEL_DEFAULTS: dict[str, Any] = {"config": "yolov8n-seg.yaml", "conf": 0.01, "iou": 0.7, "max_det": 300}
@@ -123,24 +123,29 @@ def _keys_digest(records: Sequence[ImageRecord]) -> str:
 
 
 @register("yolo")
-class YoloMember:
-    """The ``yolo`` kind's adapter (see segens.members.base.Member). Loaded checkpoints are cached per object.
+class YoloMember(NetworkMember):
+    """The ``yolo`` kind's adapter. Loaded checkpoints are cached per object.
 
     Ultralytics checkpoints are pickles (loading one runs code stored in it): the spec's checkpoints load only with
     ``trust_pickle``; a fold's own best.pt, just trained, is scored without it."""
 
+    model_fields = tuple(MODEL_DEFAULTS)
+    train_fields = TRAIN_FIELDS
+
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        self.spec = spec
+        super().__init__(spec, device, trust_pickle)
         self.device = _device(device)
-        self.trust_pickle = trust_pickle
-        where = str(spec.path or spec.name)
-        self.model_settings = _settings(spec.model, MODEL_DEFAULTS, tuple(MODEL_DEFAULTS), where, "model")
-        self.train_settings = _settings(spec.train, TRAIN_DEFAULTS, TRAIN_FIELDS, where, "train")
-        self.imgsz = _square_size(spec.input.size, where)
-        _check_contract(spec.input, where)
+        self.imgsz = _square_size(spec.input.size, self.where)
+        _check_contract(spec.input, self.where)
         self.passes = tta_passes(spec.tta)
-        _check_settings(self.model_settings, self.train_settings, where)
+        _check_settings(self.model_settings, self.train_settings, self.where)
         self._models: dict[tuple[str, int, int], YOLO] = {}
+
+    def parse_model(self, section: dict[str, Any]) -> dict[str, Any]:
+        return {**MODEL_DEFAULTS, **section}
+
+    def parse_train(self, section: dict[str, Any]) -> dict[str, Any]:
+        return {**TRAIN_DEFAULTS, **section}
 
     # ---- training -------------------------------------------------------------------------------------------
 
@@ -219,24 +224,14 @@ class YoloMember:
 
     # ---- prediction -----------------------------------------------------------------------------------------
 
-    def read_image(self, path: str | Path) -> np.ndarray:
-        """An image as the input contract reads it: (H, W) gray or (H, W, 3) BGR uint8."""
-        return self.spec.input.read(path)
-
     def predict(self, images: Sequence[np.ndarray], folds: Sequence[int]) -> list[np.ndarray]:
         """(H, W) or (H, W, 3) uint8 images -> (29, H, W) float32 probabilities in [0, 1], averaged over the folds' checkpoints
         (each checked against its sha256 when first loaded)."""
         if not folds:
             raise SegensError(f"{self.spec.path or self.spec.name}: predict needs at least one fold")
         checkpoints = [self.spec.checkpoint(fold) for fold in folds]
-        outputs = []
-        for image in images:
-            total = None
-            for checkpoint in checkpoints:
-                maps = self._predict_checkpoint(checkpoint.path, image, sha256=checkpoint.sha256)
-                total = maps if total is None else total + maps
-            outputs.append(total / np.float32(len(checkpoints)))
-        return outputs
+        return [mean_in_order(self._predict_checkpoint(checkpoint.path, image, sha256=checkpoint.sha256)
+                              for checkpoint in checkpoints) for image in images]
 
     def _predict_checkpoint(self, path: Path, image: np.ndarray, sha256: str | None = None,
                             trusted: bool = False) -> np.ndarray:
@@ -244,19 +239,23 @@ class YoloMember:
         passes (flips, scaled letterbox sizes) summed in order and divided by their count."""
         model = self._model(path, sha256, trusted)
         order, _ = self._class_order(model, path)
-        total = None
-        for tta in self.passes:
-            view = image[:, ::-1] if tta.hflip else image
-            view = view[::-1] if tta.vflip else view
-            imgsz = scaled_size((self.imgsz, self.imgsz), tta.scale, 32)[0] if tta.scale != 1 else self.imgsz
-            maps = self._soft(model, np.ascontiguousarray(view), imgsz)
-            maps = maps[:, :, ::-1] if tta.hflip else maps
-            maps = maps[:, ::-1] if tta.vflip else maps
-            total = maps if total is None else total + maps
-        maps = total / np.float32(len(self.passes)) if len(self.passes) > 1 else total
+        maps = mean_in_order(tta.flip(self._soft(model, np.ascontiguousarray(tta.flip(image, rows=0, cols=1)),
+                                                 tta.input_size((self.imgsz, self.imgsz), 32)[0]))
+                             for tta in self.passes)
         if order is not None:
             maps = maps[order]
         return np.ascontiguousarray(maps, dtype=np.float32)
+
+    def describe(self, path: Path) -> CheckpointReport:
+        """The checkpoint loaded as prediction loads it (a pickle: only with ``trust_pickle``)."""
+        report = CheckpointReport.of_spec(path, self.spec)
+        model = self._model(path)
+        _, names = self._class_order(model, path)
+        report.set_class_names(names)
+        report.parameters = sum(p.numel() for p in model.model.parameters())
+        report.output = f"ultralytics {model.task} model, {len(model.names)} classes"
+        report.spec = self.spec.to_dict()
+        return report
 
     def _class_order(self, model: YOLO, path: Path) -> tuple[list[int] | None, list[str] | None]:
         """(competition class -> model class, names) from ``model.names`` or the spec's ``classes``."""
@@ -299,16 +298,6 @@ def _device(device: str) -> str:
     if device == "auto":
         return "0" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def _settings(given: dict[str, Any], defaults: dict[str, Any], allowed: Sequence[str], where: str,
-              section: str) -> dict[str, Any]:
-    """``given`` over ``defaults``; a SegensError naming unknown fields."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise SegensError(f"{where}: unknown {section} field(s) for kind yolo: {', '.join(unknown)}; "
-                          f"known: {', '.join(allowed)}")
-    return {**defaults, **given}
 
 
 def _check_settings(model: dict[str, Any], train: dict[str, Any], where: str) -> None:

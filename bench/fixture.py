@@ -1,5 +1,6 @@
-"""The benchmark fixture of ``bench/scale.py``: a synthetic data set (800 + 300 images at 2048 by default) and, per
-member, an OOF store and a test store that behave like strong, diverse, imperfect models.
+"""The benchmarks' one synthetic-member fixture: a synthetic data set (800 + 300 images at 2048 for
+``bench/scale.py``, 20 training images for the combine and search benchmarks) and, per member, an OOF store and a
+test store that behave like strong, diverse, imperfect models.
 
 These stores are made from the ground truth through the error model below and written through the store API.
 They are a benchmark fixture: no model is trained, and no member kind makes them.
@@ -33,8 +34,9 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
-from segens.conventions.dataset import discover, read_record_mask
-from segens.folds.splits import make_folds, save_folds
+from segens.conventions.dataset import ImageRecord, discover, read_record_mask
+from segens.folds.file import save_folds
+from segens.folds.splits import make_folds
 from segens.store import create_store, open_store
 from segens.synth import generate
 
@@ -130,7 +132,7 @@ def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size
         spent = Parallel(n_jobs=jobs)(delayed(_write_batch)(stores, records, batch, errors, split, fold_of)
                                       for batch in batches)
         seconds[f"{split}_wall"] = time.perf_counter() - started
-        seconds[f"{split}_write_per_image_member"] = float(sum(spent) / (len(records) * len(chosen)))
+        seconds[f"{split}_write_per_image_member"] = float(sum(spent) / max(1, len(records) * len(chosen)))
         log(f"  {split}: {len(records)} images in {seconds[f'{split}_wall']:.0f} s")
     done.write_text(json.dumps({**manifest, "seconds": seconds}))
     return Fixture(**{**result.__dict__, "build_seconds": seconds})
@@ -249,3 +251,62 @@ def member_dice(fixture_: Fixture, split: str = "oof", images: int | None = None
 
     paths = fixture_.oof if split == "oof" else fixture_.test
     return {open_store(path).member: evaluate_store(path, fixture_.root).mean() for path in paths}
+
+
+# ---- the combine and search benchmarks' stores --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """A synthetic data root and one OOF store per member over its train images (bench_combine, bench_search)."""
+
+    root: Path
+    stores: list[Path]
+    records: list[ImageRecord]
+    size: int
+    members: list[str]
+
+
+def bench_data(workdir: Path, images: int = 20, size: int = 2048, seed: int = 0, members: int = 3,
+               log: Callable[[str], None] = print) -> BenchData:
+    """The fixture's OOF stores of ``images`` training images (no test images), built on first use and cached."""
+    made = fixture(workdir, train_images=images, test_images=0, size=size, members=members, seed=seed, log=log)
+    records = discover(made.root, "train").records[:images]
+    return BenchData(made.root, made.oof, records, size, made.members)
+
+
+def replicated_stores(data: BenchData, images: int, workdir: Path | None = None) -> list[Path]:
+    """Stores of ``images`` images made by copying the data's images on disk under new keys (cheap: no
+    encoding), cached under ``workdir`` (default: next to the data). Keys ``IDnnn/image<13 digits>``."""
+    folder = (Path(workdir) if workdir else data.root.parent) / f"replicated-{images}"
+    paths = [folder / path.name for path in data.stores]
+    done = folder / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == {"images": images, "source": str(data.root.parent)}:
+        return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    for source, target in zip(data.stores, paths):
+        _replicate(source, target, [record.key for record in data.records], images)
+    done.write_text(json.dumps({"images": images, "source": str(data.root.parent)}))
+    return paths
+
+
+def _replicate(source: Path, target: Path, keys: Sequence[str], images: int) -> None:
+    """Copy the root metadata (planned images replaced by the new keys), then image i from ``keys[i % len(keys)]``
+    as ID{i//2+1:03d}/image{...}."""
+    target.mkdir(parents=True)
+    root = json.loads((source / "zarr.json").read_text())
+    root["attributes"]["images"] = sorted(f"ID{index // 2 + 1:03d}/image{1661130000000 + index}"
+                                          for index in range(images))
+    (target / "zarr.json").write_text(json.dumps(root))
+    for index in range(images):
+        patient = target / f"ID{index // 2 + 1:03d}"
+        if not patient.is_dir():
+            patient.mkdir()
+            shutil.copy(source / keys[0].split("/")[0] / "zarr.json", patient / "zarr.json")
+        shutil.copytree(source / keys[index % len(keys)], patient / f"image{1661130000000 + index}")
+
+
+def nonzero_fraction(store_path: Path, keys: Sequence[str]) -> float:
+    """Fraction of non-zero uint8 values over the given images of a store."""
+    store = open_store(store_path)
+    return float(np.mean([np.count_nonzero(store.read(key)) / store.read(key).size for key in keys]))

@@ -1,0 +1,13 @@
+"""Options shared by several commands (where their work runs), declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from segens.infra.backend import BACKEND_HELP, SCHEDULER_HELP, STORAGE_OPTIONS_ENV, STORAGE_OPTIONS_HELP
+
+Backend = Annotated[str, typer.Option(help=BACKEND_HELP)]
+Scheduler = Annotated[str | None, typer.Option(help=SCHEDULER_HELP)]
+StorageOptions = Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, envvar=STORAGE_OPTIONS_ENV)]
