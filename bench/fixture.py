@@ -38,6 +38,8 @@ from segens.conventions.dataset import ImageRecord, discover, read_record_mask
 from segens.folds.file import save_folds
 from segens.folds.splits import make_folds
 from segens.store import create_store, open_store
+from segens.store.format import attributes_digest, store_id
+from segens.store.image import with_digest
 from segens.synth import generate
 
 FIXTURE_VERSION = 1
@@ -119,10 +121,10 @@ def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size
     save_folds(folds, result.folds)
     seconds["data"] = time.perf_counter() - started
     train = discover(result.root, "train").records[:train_images]
-    test = discover(result.root, "test").records[:test_images]
+    test = discover(result.root, "test").records[:test_images] if test_images else []
     fold_of = {record.key: folds.fold_of(record.key) for record in train}
     errors = ErrorModel(chosen, seed, size)
-    for split, records, paths in (("oof", train, result.oof), ("test", test, result.test)):
+    for split, records, paths in (("oof", train, result.oof), ("test", test, result.test))[:2 if test else 1]:
         stores = [create_store(path, member.name, "fixture", split, {"name": member.name, "fixture": asdict(member)},
                                {fold: {"path": f"{member.name}-fold{fold}.pt", "sha256": f"fixture-{member.name}-{fold}"}
                                 for fold in range(5)}, images=[record.key for record in records], overwrite=True)
@@ -291,19 +293,27 @@ def replicated_stores(data: BenchData, images: int, workdir: Path | None = None)
 
 
 def _replicate(source: Path, target: Path, keys: Sequence[str], images: int) -> None:
-    """Copy the root metadata (planned images replaced by the new keys), then image i from ``keys[i % len(keys)]``
-    as ID{i//2+1:03d}/image{...}."""
+    """Copy the root metadata (planned images replaced by the new keys, digest renewed), then image i from
+    ``keys[i % len(keys)]`` as ID{i//2+1:03d}/image{...}, its metadata bound to its new key and store (the chunks
+    are copied as they are: no re-encoding)."""
     target.mkdir(parents=True)
     root = json.loads((source / "zarr.json").read_text())
     root["attributes"]["images"] = sorted(f"ID{index // 2 + 1:03d}/image{1661130000000 + index}"
                                           for index in range(images))
+    root["attributes"]["digest"] = attributes_digest(root["attributes"])
     (target / "zarr.json").write_text(json.dumps(root))
+    identity = store_id(root["attributes"])
     for index in range(images):
         patient = target / f"ID{index // 2 + 1:03d}"
         if not patient.is_dir():
             patient.mkdir()
             shutil.copy(source / keys[0].split("/")[0] / "zarr.json", patient / "zarr.json")
-        shutil.copytree(source / keys[index % len(keys)], patient / f"image{1661130000000 + index}")
+        image = patient / f"image{1661130000000 + index}"
+        shutil.copytree(source / keys[index % len(keys)], image)
+        document = json.loads((image / "zarr.json").read_text())
+        attributes = {**document["attributes"], "key": f"{patient.name}/{image.name}", "store": identity}
+        document["attributes"] = {**with_digest({k: v for k, v in attributes.items() if k != "digest"})}
+        (image / "zarr.json").write_text(json.dumps(document))
 
 
 def nonzero_fraction(store_path: Path, keys: Sequence[str]) -> float:

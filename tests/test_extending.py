@@ -45,14 +45,10 @@ def project(tmp_path_factory) -> Path:
     from segens.members import registry as kinds
     from segens.voting import registry as strategies
 
-    saved = dict(strategies._STRATEGIES), dict(kinds._FACTORIES)
     load_example("max_vote")
     load_example("oracle_member")
     yield build(tmp_path_factory.mktemp("extending"))
-    strategies._STRATEGIES.clear()
-    strategies._STRATEGIES.update(saved[0])
-    kinds._FACTORIES.clear()
-    kinds._FACTORIES.update(saved[1])
+    del strategies._STRATEGIES["max"], kinds._FACTORIES["oracle"]
 
 
 def stores_of(project: Path, split: str) -> list[str]:

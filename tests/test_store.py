@@ -30,6 +30,7 @@ from segens.store import (
     open_store,
     quantize,
 )
+from segens.store.format import attributes_digest
 from segens.store.image import metadata_digest as _digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,8 +437,8 @@ def test_boxes_edited_without_their_digest_are_an_error(tmp_path, rows):
     document_path, document = image_metadata(path)
     document["attributes"]["boxes"][3][:2] = list(rows)
     document_path.write_text(json.dumps(document))
-    with pytest.raises(SegensError, match=rf"image '{KEYS[0]}': the image's metadata \(size, boxes, chunks\) does "
-                                          "not match its digest"):
+    with pytest.raises(SegensError, match=rf"image '{KEYS[0]}': the image's metadata \(key, size, boxes, chunks\) "
+                                          "does not match its digest"):
         open_store(path).read(KEYS[0])
 
 
@@ -462,11 +463,19 @@ def test_a_folder_where_a_chunk_belongs_is_an_error(tmp_path):
         open_store(path).read(KEYS[0])
 
 
+def edit_root(path: Path, change, digest: bool = True) -> None:
+    """Edit a store's root attributes; with ``digest``, recompute their digest as a buggy writer would (to reach
+    the format's other checks)."""
+    root = json.loads((path / "zarr.json").read_text())
+    change(root["attributes"])
+    if digest:
+        root["attributes"]["digest"] = attributes_digest(root["attributes"])
+    (path / "zarr.json").write_text(json.dumps(root))
+
+
 def test_checkpoints_not_keyed_by_fold_are_refused(tmp_path):
     path, _ = written_store(tmp_path)
-    root = json.loads((path / "zarr.json").read_text())
-    root["attributes"]["checkpoints"] = {"fold0": {"path": "a", "sha256": "b"}}
-    (path / "zarr.json").write_text(json.dumps(root))
+    edit_root(path, lambda attributes: attributes.__setitem__("checkpoints", {"fold0": {"path": "a", "sha256": "b"}}))
     with pytest.raises(SegensError, match="checkpoints are not keyed by fold numbers"):
         open_store(path)
 
@@ -483,17 +492,13 @@ def test_unreadable_image_metadata_counts_as_missing(tmp_path):
 
 def test_a_version_1_store_is_refused_with_what_to_do(tmp_path):
     path, _ = written_store(tmp_path)
-    root = json.loads((path / "zarr.json").read_text())
-    root["attributes"]["version"] = 1
-    (path / "zarr.json").write_text(json.dumps(root))
-    with pytest.raises(SegensError, match=r"version 1 is not known to this segens \(knows 2\); rewrite it"):
+    edit_root(path, lambda attributes: attributes.__setitem__("version", 1))
+    with pytest.raises(SegensError, match=r"version 1 is not known to this segens \(knows 3\); rewrite it"):
         open_store(path)
 
 
 def test_a_planned_key_that_escapes_the_store_is_refused_on_open(tmp_path):
     path, _ = written_store(tmp_path)
-    root = json.loads((path / "zarr.json").read_text())
-    root["attributes"]["images"] = ["../../outside"]
-    (path / "zarr.json").write_text(json.dumps(root))
+    edit_root(path, lambda attributes: attributes.__setitem__("images", ["../../outside"]))
     with pytest.raises(SegensError, match=r"'\.\./\.\./outside' is not a valid image key"):
         open_store(path)

@@ -29,6 +29,10 @@ def union_box(boxes: Sequence[BBox | None]) -> BBox | None:
 def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tuple[list[str], np.ndarray, dict[str, int]]:
     """Image keys in competition order and an (images, members) presence matrix; mismatches are errors."""
     first = stores[0]
+    masks = next((store for store in stores if store.role != "probabilities"), None)
+    if masks is not None:
+        raise SegensError(f"{masks.url}: holds an ensemble's binary masks (`ens combine --masks-out`), not a member's "
+                          "probabilities; give the members' stores (a submission CSV joins as a member of kind csv)")
     names = [store.member for store in stores]
     if len(set(names)) != len(names):
         raise SegensError(f"two stores hold the same member name ({', '.join(names)}); each member once")
@@ -49,6 +53,10 @@ def check_stores(stores: Sequence[ProbabilityStore], allow_missing: bool) -> tup
     check_unique_file_names(keys, first.url, IMAGE_SUFFIX)
     key_sets = [store.completed() for store in stores]
     present = np.array([[key in key_set for key_set in key_sets] for key in keys], dtype=bool).reshape(len(keys), len(stores))
+    for m, store in enumerate(stores):  # an image there but failing verification (moved, copied) is named as such
+        absent = np.flatnonzero(~present[:, m])
+        if absent.size:
+            store.explain_missing(keys[absent[0]])
     nowhere = [key for key, row in zip(keys, present) if not row.any()]
     if nowhere:
         more = f" (and {len(nowhere) - 1} more)" if len(nowhere) > 1 else ""

@@ -42,12 +42,21 @@ class ImageMetadata:
     chunks: tuple[dict[tuple[int, int], int], ...]
 
     @classmethod
-    def from_metadata(cls, document: dict[str, Any], key: str, where: str, classes: Sequence[str]) -> ImageMetadata:
-        """Validate image ``key``'s zarr.json against this format; a SegensError naming ``where`` (and the class)."""
+    def from_metadata(cls, document: dict[str, Any], key: str, where: str, classes: Sequence[str],
+                      store: str) -> ImageMetadata:
+        """Validate image ``key``'s zarr.json against this format and the identity ``store`` of the store holding
+        it; a SegensError naming ``where`` (and the class)."""
         fix = f"; the store was altered or damaged: {repair_advice(key)}"
         attributes = document.get("attributes") or {}
         if attributes.get("digest") != metadata_digest(attributes):
-            raise SegensError(f"{where}: the image's metadata (size, boxes, chunks) does not match its digest{fix}")
+            raise SegensError(f"{where}: the image's metadata (key, size, boxes, chunks) does not match its "
+                              f"digest{fix}")
+        if attributes.get("key") != key:
+            raise SegensError(f"{where}: this folder holds the metadata of image {attributes.get('key')!r}, not of "
+                              f"{key!r}: image folders were moved, swapped or copied inside the store{fix}")
+        if attributes.get("store") != store:
+            raise SegensError(f"{where}: this image was written by another store (identity {attributes.get('store')!r}, "
+                              f"this store's is {store!r}): it was copied in from elsewhere{fix}")
         height, width = attributes.get("height"), attributes.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             raise SegensError(f"{where}: height/width {height!r}x{width!r} are not positive integers{fix}")
@@ -100,18 +109,18 @@ def encode_chunk(values: np.ndarray, chunk_shape: tuple[int, int]) -> bytes:
     return bytes(BLOSC.encode(np.ascontiguousarray(values)))
 
 
-def valid_metadata(document: dict[str, Any], key: str) -> bool:
+def valid_metadata(document: dict[str, Any], key: str, store: str) -> bool:
     """Whether an image's metadata passes ``ImageMetadata.from_metadata`` (an image whose metadata does not is missing)."""
     try:
-        ImageMetadata.from_metadata(document, key, key, CLASSES)
+        ImageMetadata.from_metadata(document, key, key, CLASSES, store)
     except SegensError:
         return False
     return True
 
 
 def metadata_digest(attributes: dict[str, Any]) -> int:
-    """crc32 of the canonical JSON of an image's height, width, boxes and chunks."""
-    content = {name: attributes.get(name) for name in ("height", "width", "boxes", "chunks")}
+    """crc32 of the canonical JSON of an image's key, store identity, height, width, boxes and chunks."""
+    content = {name: attributes.get(name) for name in ("key", "store", "height", "width", "boxes", "chunks")}
     return zlib.crc32(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
 
 

@@ -31,7 +31,8 @@ def open_store(url: str | Path, storage_options: dict[str, Any] | None = None) -
 
 def create_store(url: str | Path, member_name: str, kind: str, split: str, spec: dict[str, Any],
                  checkpoints: dict[int, dict[str, Any]], *, images: Sequence[str], overwrite: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> ProbabilityStore:
+                 storage_options: dict[str, Any] | None = None, role: str = "probabilities",
+                 fold: int | None = None) -> ProbabilityStore:
     """Create a store for writing, or reopen one of the same identity to resume it.
 
     ``checkpoints`` maps fold -> {"path", "sha256"}; ``images`` are the keys of every image the store is for (its
@@ -43,7 +44,7 @@ def create_store(url: str | Path, member_name: str, kind: str, split: str, spec:
     url = str(url)
     if split not in SPLITS:
         raise SegensError(f"{url}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-    attributes = store_attributes(member_name, kind, split, spec, checkpoints, images, url)
+    attributes = store_attributes(member_name, kind, split, spec, checkpoints, images, url, role, fold)
     zarr_store = open_zarr(url, storage_options, read_only=False)
     existing = _root_attributes(zarr_store)
     if existing is None:
@@ -59,6 +60,7 @@ def create_store(url: str | Path, member_name: str, kind: str, split: str, spec:
     if overwrite:
         zarr.create_group(zarr_store, overwrite=True, attributes=attributes, zarr_format=3)
         return ProbabilityStore(url, attributes, writable=True, storage_options=storage_options)
+    check_format(existing, url)  # an edited or older store is named as such, not resumed
     differences = identity_differences(existing, attributes)
     if differences:
         raise SegensError(f"{url}: a store of another identity exists ({'; '.join(differences)}); "
@@ -96,4 +98,4 @@ def create_mask_store(url: str | Path, split: str, strategy: str, members: Seque
     """A store for an ensemble's binary masks (255 inside a mask, 0 outside), written by ``ens combine
     --masks-out`` and read like any store by ``ens show`` and ``ens evaluate``."""
     return create_store(url, MASKS_MEMBER, MASKS_KIND, split, {"strategy": strategy, "members": list(members)}, {},
-                        images=images, overwrite=overwrite, storage_options=storage_options)
+                        images=images, overwrite=overwrite, storage_options=storage_options, role="masks")

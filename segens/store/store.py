@@ -21,7 +21,7 @@ from zarr.core.sync import sync
 
 from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
-from segens.store.format import BLOSC, CHUNK_SIDE, COMPRESSOR, check_key, is_temporary, repair_advice
+from segens.store.format import BLOSC, CHUNK_SIDE, COMPRESSOR, check_key, is_temporary, repair_advice, store_id
 from segens.store.image import (
     ImageMetadata,
     box_json,
@@ -61,6 +61,9 @@ class ProbabilityStore:
         self.planned: tuple[str, ...] = tuple(attributes["images"])
         self._planned_set = frozenset(self.planned)
         self.checkpoints: dict[int, dict[str, Any]] = {int(f): c for f, c in attributes["checkpoints"].items()}
+        self.role: str = attributes["role"]
+        self.fold: int | None = attributes["fold"]
+        self.store_id = store_id(attributes)
         self._zarr_store = open_zarr(url, storage_options, read_only=not writable)
         self._arrays: dict[str, ImageMetadata] = {}
 
@@ -102,7 +105,8 @@ class ProbabilityStore:
         array = zarr.create_array(
             self._zarr_store, name=key, shape=probs.shape, dtype="uint8", fill_value=0, chunks=chunks,
             compressors=COMPRESSOR, dimension_names=("class", "row", "col"), overwrite=True,
-            attributes=with_digest({"height": height, "width": width, "boxes": [box_json(box) for box in boxes],
+            attributes=with_digest({"key": key, "store": self.store_id, "height": height, "width": width,
+                                    "boxes": [box_json(box) for box in boxes],
                                      "chunks": written}),
         )
         # the chunks are encoded here (the bytes zarr's BloscCodec writes) so that their crc32 can be recorded
@@ -114,7 +118,7 @@ class ProbabilityStore:
 
     def completed(self) -> set[str]:
         """Keys of the images whose completion marker is written (reads metadata only, never chunks)."""
-        return set(sync(completed_keys(self._zarr_store)))
+        return set(sync(completed_keys(self._zarr_store, self.store_id)))
 
     def keys(self) -> list[str]:
         """Completed image keys in submission order (sorted as strings)."""
@@ -124,6 +128,14 @@ class ProbabilityStore:
         """Planned image keys that are not complete (never written, killed mid-write, or unreadable metadata)."""
         done = self.completed()
         return [key for key in self.planned if key not in done]
+
+    def explain_missing(self, key: str) -> None:
+        """A SegensError saying why image ``key`` does not count as complete when its metadata is there but fails
+        verification (moved, copied, altered); nothing when it is complete, or simply not written (yet)."""
+        document = sync(get_json(self._zarr_store, f"{key}/zarr.json"))
+        if document is not None and document.get("node_type") == "array" \
+                and (document.get("attributes") or {}).get("complete") is True:
+            ImageMetadata.from_metadata(document, key, f"{self.url}: image {key!r}", self.classes, self.store_id)
 
     def __contains__(self, key: str) -> bool:
         try:
@@ -257,7 +269,8 @@ class ProbabilityStore:
                     f"{self.url}: image {key!r} is not in the store (or its write did not finish, or its metadata "
                     f"is unreadable); run `ens predict-member` for member {self.member!r} to (re)write it"
                 )
-            image = ImageMetadata.from_metadata(document, key, f"{self.url}: image {key!r}", self.classes)
+            image = ImageMetadata.from_metadata(document, key, f"{self.url}: image {key!r}", self.classes,
+                                                self.store_id)
             if len(self._arrays) >= _MAX_OPEN_ARRAYS:
                 self._arrays.clear()
             self._arrays[key] = image
@@ -283,7 +296,7 @@ async def get_json(zarr_store: zarr.abc.store.Store, key: str) -> dict[str, Any]
     return document if isinstance(document, dict) else None
 
 
-async def completed_keys(zarr_store: zarr.abc.store.Store, prefix: str = "") -> list[str]:
+async def completed_keys(zarr_store: zarr.abc.store.Store, store: str, prefix: str = "") -> list[str]:
     """Keys under ``prefix`` of arrays with the completion marker; metadata fetched concurrently."""
     names = sorted([name async for name in zarr_store.list_dir(prefix)])
     children = [f"{prefix}{name}" for name in names if name != "zarr.json" and not is_temporary(name)]
@@ -294,8 +307,8 @@ async def completed_keys(zarr_store: zarr.abc.store.Store, prefix: str = "") -> 
         if document is None:
             continue
         if document.get("node_type") == "group":
-            groups.append(completed_keys(zarr_store, f"{child}/"))
-        elif (document.get("attributes") or {}).get("complete") is True and valid_metadata(document, child):
+            groups.append(completed_keys(zarr_store, store, f"{child}/"))
+        elif (document.get("attributes") or {}).get("complete") is True and valid_metadata(document, child, store):
             keys.append(child)
     for found in await asyncio.gather(*groups):
         keys.extend(found)
