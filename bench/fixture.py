@@ -26,7 +26,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -72,11 +72,19 @@ MEMBERS = (
     MemberErrors("unetpp-effb4", 1.0, 0.2, 0.9, 0.4, 0.85, 0.85, 0.012, 0.7),
     MemberErrors("unet-resnet50", 1.4, -0.1, 1.1, 0.45, 0.95, 1.0, 0.015, 1.0),
 )
+NULL_MEMBERS = tuple(MemberErrors(f"equal-{number}", 1.1, 0.0, 0.0, 0.0, 0.9, 0.9, 0.010, 0.0)
+                     for number in range(1, 6))
+"""The null mode: members equally good and calibrated (no systematic shift, per class or per fold, and no bleeding
+into or merging with neighbouring carpal bones, which every member would share as over-segmentation), their
+errors independent but for the parts every member shares (per image, the displacement field, missed carpals):
+the plain mean at 0.5 is the right rule, and a search has nothing to gain."""
+MODES = {"strong": MEMBERS, "null": NULL_MEMBERS}
 SHARED_IMAGE_SPREAD = 0.6  # px: the per-image shift every member shares
 SHARED_FIELD = 0.7  # px: the displacement field every member shares
 SHARED_MISS_RATE = 0.006  # per carpal and image: all members miss it (weakly)
 MERGE_RATE = 0.006  # per carpal, image and member
 TRANSLATION = 0.35  # px: sub-pixel translation of the whole bone, per member and image
+FOLD_JITTER = 0.5  # px: with fold maps, each fold model's own boundary shift, per image, class and member
 
 
 @dataclass(frozen=True)
@@ -91,22 +99,31 @@ class Fixture:
     members: list[str]
     size: int
     build_seconds: dict[str, float]
+    test_folds: list[list[Path]] = field(default_factory=list)  # with fold maps: per fold, each member's test store
 
 
 def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size: int = 2048, members: int = 5,
-            seed: int = 0, jobs: int = 2, log: Callable[[str], None] = print) -> Fixture:
+            seed: int = 0, jobs: int = 2, log: Callable[[str], None] = print, mode: str = "strong",
+            k: int = 5, fold_maps: bool = False) -> Fixture:
     """The fixture under ``workdir``, built on first use and reused while its settings match (a build that was
-    stopped starts again)."""
-    if not 1 <= members <= len(MEMBERS):
-        raise ValueError(f"members must be 1..{len(MEMBERS)}")
-    chosen = MEMBERS[:members]
-    folder = Path(workdir) / f"scale-{size}-{train_images}-{test_images}-s{seed}"
+    stopped starts again). ``mode``: ``strong`` (diverse, mis-calibrated members: searching pays) or ``null``
+    (equal, calibrated members: it cannot); ``k`` patient-grouped folds. ``fold_maps``: every fold model has its
+    own boundary jitter, a test image's maps are the mean of the fold models' maps (as predict-member averages
+    folds: softer where they disagree), and each fold's test maps are kept too, in per-fold stores (fold f)."""
+    table = MODES[mode]
+    if not 1 <= members <= len(table):
+        raise ValueError(f"members must be 1..{len(table)}")
+    chosen = table[:members]
+    suffix = ("" if (mode, k) == ("strong", 5) else f"-{mode}-k{k}") + ("-foldmaps" if fold_maps else "")
+    folder = Path(workdir) / f"scale-{size}-{train_images}-{test_images}-s{seed}{suffix}"
     manifest = {"version": FIXTURE_VERSION, "train": train_images, "test": test_images, "size": size, "seed": seed,
-                "members": [asdict(member) for member in chosen]}
+                "members": [asdict(member) for member in chosen],
+                **({} if not suffix else {"mode": mode, "k": k, "fold_maps": fold_maps})}
     done = folder / "manifest.json"
     result = Fixture(folder, folder / "data", folder / "folds.json",
                      [folder / f"{m.name}.oof.zarr" for m in chosen], [folder / f"{m.name}.test.zarr" for m in chosen],
-                     [m.name for m in chosen], size, {})
+                     [m.name for m in chosen], size, {},
+                     [[folder / f"{m.name}.test.fold{f}.zarr" for m in chosen] for f in range(k)] if fold_maps else [])
     if done.is_file():
         stored = json.loads(done.read_text())
         if {k: v for k, v in stored.items() if k != "seconds"} == json.loads(json.dumps(manifest)):
@@ -117,22 +134,30 @@ def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size
     started = time.perf_counter()
     generate(result.root, n_train_patients=(train_images + 1) // 2, n_test_patients=(test_images + 1) // 2,
              size=size, seed=seed, render=False)
-    folds, _ = make_folds(result.root, k=5, seed=seed)
+    folds, _ = make_folds(result.root, k=k, seed=seed)
     save_folds(folds, result.folds)
     seconds["data"] = time.perf_counter() - started
     train = discover(result.root, "train").records[:train_images]
     test = discover(result.root, "test").records[:test_images] if test_images else []
     fold_of = {record.key: folds.fold_of(record.key) for record in train}
-    errors = ErrorModel(chosen, seed, size)
+    errors = ErrorModel(chosen, seed, size, table, k, fold_maps)
+
+    def checkpoints(member: MemberErrors, folds: Sequence[int]) -> dict:
+        return {fold: {"path": f"{member.name}-fold{fold}.pt", "sha256": f"fixture-{member.name}-{fold}"}
+                for fold in folds}
+
     for split, records, paths in (("oof", train, result.oof), ("test", test, result.test))[:2 if test else 1]:
         stores = [create_store(path, member.name, "fixture", split, {"name": member.name, "fixture": asdict(member)},
-                               {fold: {"path": f"{member.name}-fold{fold}.pt", "sha256": f"fixture-{member.name}-{fold}"}
-                                for fold in range(5)}, images=[record.key for record in records], overwrite=True)
-                  for path, member in zip(paths, chosen)]
+                               checkpoints(member, range(k)), images=[record.key for record in records],
+                               overwrite=True) for path, member in zip(paths, chosen)]
+        fold_stores = [[create_store(path, member.name, "fixture", split, {"name": member.name, "fixture": asdict(member)},
+                                     checkpoints(member, [fold]), images=[record.key for record in records],
+                                     overwrite=True, fold=fold) for path, member in zip(paths_of_fold, chosen)]
+                       for fold, paths_of_fold in enumerate(result.test_folds)] if split == "test" else []
         started = time.perf_counter()
         batches = [list(range(start, len(records), jobs)) for start in range(jobs)]
-        spent = Parallel(n_jobs=jobs)(delayed(_write_batch)(stores, records, batch, errors, split, fold_of)
-                                      for batch in batches)
+        spent = Parallel(n_jobs=jobs)(delayed(_write_batch)(stores, records, batch, errors, split, fold_of,
+                                                            fold_stores) for batch in batches)
         seconds[f"{split}_wall"] = time.perf_counter() - started
         seconds[f"{split}_write_per_image_member"] = float(sum(spent) / max(1, len(records) * len(chosen)))
         log(f"  {split}: {len(records)} images in {seconds[f'{split}_wall']:.0f} s")
@@ -143,16 +168,19 @@ def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size
 class ErrorModel:
     """The per-member, per-class systematic errors of one fixture seed, and the maps of one image."""
 
-    def __init__(self, members: Sequence[MemberErrors], seed: int, size: int) -> None:
-        self.members, self.seed, self.scale = list(members), seed, size / 2048
-        rng = np.random.default_rng([seed, 99])  # drawn for all members: the first three are the same at M = 3 and 5
-        self.bias = np.array([[m.bias + m.bias_spread * rng.normal() for _ in range(NUM_CLASSES)] for m in MEMBERS])
-        self.fold_bias = np.stack([[[m.fold_spread * rng.normal() for _ in range(NUM_CLASSES)] for _ in range(5)]
-                                   for m in MEMBERS])  # (members, folds, classes)
+    def __init__(self, members: Sequence[MemberErrors], seed: int, size: int,
+                 table: Sequence[MemberErrors] = MEMBERS, k: int = 5, fold_maps: bool = False) -> None:
+        self.members, self.seed, self.scale, self.fold_maps = list(members), seed, size / 2048, fold_maps
+        rng = np.random.default_rng([seed, 99])  # drawn for the mode's every member: the first three are the same
+        self.bias = np.array([[m.bias + m.bias_spread * rng.normal() for _ in range(NUM_CLASSES)] for m in table])
+        self.fold_bias = np.stack([[[m.fold_spread * rng.normal() for _ in range(NUM_CLASSES)] for _ in range(max(5, k))]
+                                   for m in table])[:, :k]  # (members, folds, classes): at k = 5 the draws of old
 
-    def maps(self, truth: np.ndarray, image_seed: Sequence[int], fold: int | None) -> list[list[tuple]]:
+    def maps(self, truth: np.ndarray, image_seed: Sequence[int], fold: int | None,
+             fold_outputs: list | None = None) -> list[list[tuple]]:
         """Per member, per class: (box, uint8 values) or None, for one image's (29, H, W) bool truth; ``fold``
-        None for a test image (predicted by the mean of the fold models)."""
+        None for a test image (predicted by the mean of the fold models). With ``fold_maps``, a test image's maps
+        are the mean of the fold models' own maps, and ``fold_outputs`` (a list per fold) receives each of them."""
         s = self.scale
         rng_shared = np.random.default_rng([*image_seed, 0])
         shared_shift = SHARED_IMAGE_SPREAD * rng_shared.normal(size=NUM_CLASSES)
@@ -179,29 +207,51 @@ class ErrorModel:
                 neighbours = (others & near, others)
             for number, member in enumerate(self.members):
                 rng = np.random.default_rng([*image_seed, 1 + number, channel])
-                systematic = self.bias[number, channel] + (self.fold_bias[number, :, channel].mean() if fold is None
-                                                           else self.fold_bias[number, fold, channel])
-                shift = (systematic + shared_shift[channel] + member.image_spread * rng.normal()) * s
+                own = member.image_spread * rng.normal()
                 translation = rng.normal(0, TRANSLATION * s, 2)
                 field = field_shared + _smooth(rng, crop.shape, 16 * s) * member.field * s
-                logit = (signed + shift + field - grad_r * translation[0] - grad_c * translation[1]) / (member.width * s)
-                if channel in CARPALS and (shared_miss[channel] or rng.random() < member.miss_rate):
-                    logit -= 7.0
-                if neighbours is not None:
-                    touching, others = neighbours
-                    bleed = member.bleed * rng.uniform(0.3, 1.0)
-                    logit = np.where(touching, np.maximum(logit, logit + 4.0 * bleed), logit)
-                    if rng.random() < MERGE_RATE:
-                        logit = np.where(others, np.maximum(logit, 1.5), logit)
-                with np.errstate(over="ignore"):  # exp overflows to inf far outside: p = 0 there, as wanted
-                    p = 1.0 / (1.0 + np.exp(-logit.astype(np.float32)))
-                p[p < CUT] = 0
-                values = np.rint(p * 255).astype(np.uint8)
-                r, c = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
-                if r.size:
-                    tight = (box[0] + r[0], box[0] + r[-1] + 1, box[2] + c[0], box[2] + c[-1] + 1)
-                    out[number][channel] = (tight, values[r[0]:r[-1] + 1, c[0]:c[-1] + 1])
+                missed = channel in CARPALS and (shared_miss[channel] or rng.random() < member.miss_rate)
+                bleed = member.bleed * rng.uniform(0.3, 1.0) if neighbours is not None else 0.0
+                merged = neighbours is not None and rng.random() < MERGE_RATE and member.bleed > 0
+
+                def probability(systematic: float, jitter: float = 0.0) -> np.ndarray:
+                    shift = (systematic + shared_shift[channel] + own) * s + jitter
+                    logit = (signed + shift + field - grad_r * translation[0] - grad_c * translation[1]) / (member.width * s)
+                    if missed:
+                        logit -= 7.0
+                    if neighbours is not None:
+                        touching, others = neighbours
+                        logit = np.where(touching, np.maximum(logit, logit + 4.0 * bleed), logit)
+                        if merged:
+                            logit = np.where(others, np.maximum(logit, 1.5), logit)
+                    with np.errstate(over="ignore"):  # exp overflows to inf far outside: p = 0 there, as wanted
+                        return 1.0 / (1.0 + np.exp(-logit.astype(np.float32)))
+
+                bias, folds = self.bias[number, channel], self.fold_bias[number, :, channel]
+                if not self.fold_maps:  # a test image: one map at the folds' mean shift
+                    p = probability(bias + (folds.mean() if fold is None else folds[fold]))
+                else:  # each fold model's own map; a test image: their mean, as predict-member averages folds
+                    jitter = np.random.default_rng([*image_seed, 1 + number, channel, 7]).normal(0, FOLD_JITTER * s,
+                                                                                                  folds.size)
+                    per_fold = {f: probability(bias + folds[f], jitter[f]) for f in range(folds.size)
+                                if f == fold or fold is None}
+                    p = per_fold[fold] if fold is not None else np.mean(list(per_fold.values()), axis=0)
+                    for f, fold_p in per_fold.items():
+                        if fold is None and fold_outputs is not None:
+                            fold_outputs[f][number][channel] = _quantized(fold_p, box)
+                out[number][channel] = _quantized(p, box)
         return out
+
+
+def _quantized(p: np.ndarray, box: tuple[int, int, int, int]) -> tuple | None:
+    """(tight box, uint8 values) of a class's probabilities in ``box`` (p < CUT written as 0), or None."""
+    p = np.where(p < CUT, 0, p)
+    values = np.rint(p * 255).astype(np.uint8)
+    r, c = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
+    if not r.size:
+        return None
+    tight = (box[0] + r[0], box[0] + r[-1] + 1, box[2] + c[0], box[2] + c[-1] + 1)
+    return tight, values[r[0]:r[-1] + 1, c[0]:c[-1] + 1]
 
 
 def _signed_distance(crop: np.ndarray) -> np.ndarray:
@@ -218,8 +268,10 @@ def _smooth(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np
     return cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
 
 
-def _write_batch(stores, records, indices, errors: ErrorModel, split: str, fold_of: dict[str, int]) -> float:
-    """Write the images ``indices`` of every member; returns the seconds spent in ``write_image``."""
+def _write_batch(stores, records, indices, errors: ErrorModel, split: str, fold_of: dict[str, int],
+                 fold_stores=()) -> float:
+    """Write the images ``indices`` of every member (and, given ``fold_stores``, of every fold model); returns the
+    seconds spent in ``write_image``."""
     spent = 0.0
     buffer = None
     for index in indices:
@@ -228,8 +280,11 @@ def _write_batch(stores, records, indices, errors: ErrorModel, split: str, fold_
         if buffer is None:
             buffer = np.zeros(truth.shape, np.uint8)
         split_code = 0 if split == "oof" else 1
-        maps = errors.maps(truth, (errors.seed, split_code, index), fold_of.get(record.key))
-        for store, classes in zip(stores, maps):
+        per_fold = [[[None] * NUM_CLASSES for _ in errors.members] for _ in fold_stores]
+        maps = errors.maps(truth, (errors.seed, split_code, index), fold_of.get(record.key), per_fold or None)
+        written = list(zip(stores, maps)) + [(store, classes) for fold_row, fold_maps in zip(fold_stores, per_fold)
+                                             for store, classes in zip(fold_row, fold_maps)]
+        for store, classes in written:
             boxes = []
             for channel, made in enumerate(classes):
                 if made is None:

@@ -33,7 +33,7 @@ from bench.common import DEFAULT_WORKDIR, ROOT, load_average, machine_line
 from bench.fixture import Fixture, fixture
 from segens.ensemble.evaluate import evaluate_store, evaluate_submission
 
-STRATEGIES = ("soft", "weighted", "hard")
+STRATEGIES = ("soft", "weighted", "hard", "auto")
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -93,18 +93,28 @@ def measure(data: Fixture, members: int, jobs: int, strategies: list[str], folde
                               "--strategy", strategy, "--jobs", str(jobs), "--out", str(recipe), "--overwrite"])
         document = json.loads(recipe.read_text())
         result["searches"][strategy] = {**timing, "summary": document["oof_dice"]["summary"],
-                                        "levels": document["oof_dice"].get("levels", {})}
+                                        "levels": document["oof_dice"].get("levels", {}),
+                                        "strategy": document["strategy"]}
         log(f"    search {strategy}: {timing['seconds']:.0f} s, {timing['peak_rss_mb']:.0f} MiB; "
             f"{document['oof_dice']['verdict']}")
     plans = [("plain mean", ["--strategy", "soft"])] + [(strategy, ["--strategy", strategy,
                                                                     "--recipe", str(folder / f"recipe-{strategy}.json")])
                                                         for strategy in strategies]
+    per_fold = [str(path) for fold in data.test_folds for path in fold[:members]]
     for name, options in plans:
         csv = folder / f"test-{name.replace(' ', '-')}.csv"
         timing = run_command(["combine", *test, *options, "--jobs", str(jobs), "--out", str(csv), "--overwrite"])
         result["combines"][name] = {**timing, "test_dice": evaluate_submission(csv, data.root, "test").mean()}
         log(f"    combine {name}: {timing['seconds']:.1f} s, {timing['peak_rss_mb']:.0f} MiB, "
             f"test Dice {result['combines'][name]['test_dice']:.5f}")
+        if per_fold and "--recipe" in options:  # the same recipe on each fold model's own maps, merged
+            csv = folder / f"test-{name.replace(' ', '-')}-per-fold.csv"
+            timing = run_command(["combine", *per_fold, *options, "--jobs", str(jobs), "--out", str(csv),
+                                  "--overwrite"])
+            result["combines"][name]["per_fold"] = {**timing, "test_dice": evaluate_submission(csv, data.root,
+                                                                                              "test").mean()}
+            log(f"    combine {name}, per fold: {timing['seconds']:.1f} s, test Dice "
+                f"{result['combines'][name]['per_fold']['test_dice']:.5f}")
     summary = result["searches"][strategies[0]]["summary"]
     oof_members = {name: summary[f"member:{name}"] for name in result["names"]}
     best = max(oof_members, key=oof_members.get)
@@ -126,9 +136,14 @@ def quality_rows(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict
         summaries = [run["searches"][strategy]["summary"] for run in runs]
         levels = [run["searches"][strategy]["levels"] for run in runs]
         kept = [sum(level != "plain" for level in seed.values()) for seed in levels]
+        chosen = [run["searches"][strategy].get("strategy", strategy) for run in runs]
         rows.append({"setting": f"{strategy}, searched + fallback", "oof": [s["recipe"] for s in summaries],
                      "cv": [s["cv_recipe"] for s in summaries], "cv_searched": [s["cv_searched"] for s in summaries],
-                     "test": [run["combines"][strategy]["test_dice"] for run in runs], "classes_not_plain": kept})
+                     "test": [run["combines"][strategy]["test_dice"] for run in runs], "classes_not_plain": kept,
+                     "gated": [bool(s.get("gated")) for s in summaries], "chosen": chosen})
+        if "per_fold" in runs[0]["combines"][strategy]:
+            rows.append({"setting": f"{strategy}, per-fold test maps", "oof": rows[-1]["oof"], "cv": rows[-1]["cv"],
+                         "test": [run["combines"][strategy]["per_fold"]["test_dice"] for run in runs]})
     return rows
 
 
@@ -149,19 +164,29 @@ def print_tables(report: dict[str, Any]) -> None:
                   f"{item['peak_rss_mb']:.0f} MiB |")
     for members, rows in report["quality"].items():
         print(f"\nQuality, M = {members}, mean ± spread over seeds {report['seeds']}:")
-        print("| setting | OOF Dice | CV estimate | test Dice | test - plain mean |\n|---|---|---|---|---|")
+        print("| setting | OOF Dice | CV estimate | test Dice | test - plain mean | classes moved |\n"
+              "|---|---|---|---|---|---|")
         plain = rows[1]["test"]
         for row in rows:
             gains = [t - p for t, p in zip(row["test"], plain)]
+            moved = ", ".join(f"{count}{' (gated)' if gated else ''}{'' if name == row['setting'].split(',')[0] else ' ' + name}"
+                              for count, gated, name in zip(row["classes_not_plain"], row["gated"], row["chosen"])) \
+                if "classes_not_plain" in row else ""
             print(f"| {row['setting']} | {spread(row['oof'])} | {spread(row['cv'])} | {spread(row['test'])} | "
-                  f"{spread(gains)} (min {min(gains):+.5f}) |")
+                  f"{spread(gains)} (min {min(gains):+.5f}) | {moved} |")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--members", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES[:3]), choices=STRATEGIES)
+    parser.add_argument("--mode", default="strong", choices=("strong", "null"),
+                        help="strong: diverse, mis-calibrated members; null: equal, calibrated members (nothing to gain)")
+    parser.add_argument("--k", type=int, default=5, help="folds")
+    parser.add_argument("--fold-maps", action="store_true",
+                        help="test maps as the mean of each fold model's own maps, and per-fold test stores "
+                             "(combined fold by fold as well)")
     parser.add_argument("--train-images", type=int, default=800)
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--size", type=int, default=2048)
@@ -176,13 +201,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options.train_images, options.test_images, options.size = 16, 8, 512
         options.seeds, options.members = options.seeds[:1], [3]
     quality_members = options.quality_members or options.members
-    report: dict[str, Any] = {"machine": machine_line(), "seeds": options.seeds, "train_images": options.train_images,
+    report: dict[str, Any] = {"machine": machine_line(), "mode": options.mode, "k": options.k,
+                              "seeds": options.seeds, "train_images": options.train_images,
                               "test_images": options.test_images, "size": options.size, "jobs": options.jobs,
                               "timing": [], "quality": {}, "fixtures": {}}
     runs: dict[int, list[dict[str, Any]]] = {members: [] for members in quality_members}
     for index, seed in enumerate(options.seeds):
         data = fixture(options.workdir, options.train_images, options.test_images, options.size, max(options.members),
-                       seed, options.jobs)
+                       seed, options.jobs, mode=options.mode, k=options.k, fold_maps=options.fold_maps)
         report["fixtures"][seed] = data.build_seconds
         for members in options.members:
             if index > 0 and members not in quality_members:

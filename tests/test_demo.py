@@ -15,6 +15,7 @@ from segens.cli import app
 from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover
 from segens.conventions.submission import read_submission
+from segens.demo.run import STEPS
 from segens.reference import reference_combine, reference_decode, reference_dice
 
 
@@ -37,47 +38,50 @@ def _reference_test_dice(csv: Path, root: Path) -> float:
 @pytest.mark.slow
 def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=80)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_result.json").read_text())
-    members = {"unetpp-mobilenetv2", "unetpp-mobilenetv3", "yolov8n-seg"}
-    assert set(summary["member_dice"]) == set(summary["member_dice_searched"]) == members
-    assert summary["member_network"]["unetpp-mobilenetv2"] == "UNet++ mobilenet_v2" and summary["config"] == "quick"
-    assert list(summary["seconds"]) == ["synthetic data", "folds", "train members", "predict OOF and test stores",
-                                        "search member thresholds", "search weights (with CV)",
-                                        "combine (soft, weighted, hard)",
-                                        "evaluate on the test labels", "plots and overlay"]
+    assert summary["config"] == "quick" and list(summary["seconds"]) == list(STEPS)
+    members = ["unetpp-mobilenetv2", "unetpp-mobilenetv3", "yolov8n-seg"]
+    rows = {row["what"]: row for row in summary["rows"]}
+    assert rows["unetpp-mobilenetv2, at 0.5"]["how"] == "UNet++ mobilenet_v2"
     root = out / "data"
     # every Dice in the summary is what an independent scorer finds in the CSV the demo wrote
-    for strategy in ("soft", "weighted", "hard"):
-        assert summary["strategy_dice"][strategy] == pytest.approx(
-            _reference_test_dice(out / f"submission_{strategy}.csv", root), abs=1e-9), strategy
-    for name, dice in summary["member_dice"].items():
-        assert dice == pytest.approx(_reference_test_dice(out / f"member_{name}.csv", root), abs=1e-9), name
-        searched = summary["member_dice_searched"][name]
-        assert searched == pytest.approx(_reference_test_dice(out / f"member_{name}_searched.csv", root), abs=1e-9)
+    strategy = summary["strategy"]
+    files = {f"{name}, at 0.5": f"member_{name}.csv" for name in members}
+    files |= {f"{name}, own thresholds": f"member_{name}_searched.csv" for name in members}
+    files |= {"plain mean of members, at 0.5": "submission_plain_mean.csv", "majority vote, at 0.5":
+              "submission_majority.csv", f"searched recipe ({strategy})": "submission.csv",
+              f"searched recipe ({strategy}), per fold": "submission_per_fold.csv"}
+    assert set(rows) == set(files)
+    for what, csv in files.items():
+        assert rows[what]["dice"] == pytest.approx(_reference_test_dice(out / csv, root), abs=1e-9), what
+    for name in members:
         member_recipe = json.loads((out / f"recipe_{name}.json").read_text())  # searched on OOF, one member
         assert [member["name"] for member in member_recipe["members"]] == [name]
-    # the weighted submission is the recipe applied by the straightforward pipeline, weights normalised here
+    assert summary["test_gain"] == pytest.approx(rows[f"searched recipe ({strategy})"]["dice"]
+                                                 - rows["plain mean of members, at 0.5"]["dice"], abs=1e-12)
+    # the recipe's submission is the recipe applied by the straightforward pipeline, weights normalised here
     recipe = json.loads((out / "recipe.json").read_text())
-    assert [member["name"] for member in recipe["members"]] == list(summary["member_dice"])
-    raw = np.asarray(recipe["weights"], np.float64)
-    stores = [out / "stores" / f"{name}.test.zarr" for name in summary["member_dice"]]
-    reference_combine(stores, (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32),
-                      np.asarray(recipe["thresholds"], np.float32), tmp_path / "reference.csv")
-    submission, reference = read_submission(out / "submission_weighted.csv"), read_submission(tmp_path / "reference.csv")
-    plain = [c for c, steps in enumerate(recipe["postprocess"]) if not steps]  # the reference has no post-processing
-    assert plain
-    for name, rles in submission.rles.items():
-        assert [rles[c] for c in plain] == [reference.rles[name][c] for c in plain], name
-    assert len(submission.rles) == 4  # 2 test patients, two hands each
-    assert any(rle for rles in submission.rles.values() for rle in rles), "every mask of the ensemble is empty"
-    assert summary["cv"] == {key: value for key, value in recipe["oof_dice"]["summary"].items() if key.startswith("cv_")}
+    assert recipe["strategy"] == strategy and recipe["search"]["strategy"] == "auto"
+    assert [member["name"] for member in recipe["members"]] == members
+    if strategy != "hard":
+        raw = np.asarray(recipe["weights"] or np.ones((len(CLASSES), 3)), np.float64)
+        stores = [out / "stores" / f"{name}.test.zarr" for name in members]
+        reference_combine(stores, (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32),
+                          np.asarray(recipe["thresholds"], np.float32), tmp_path / "reference.csv")
+        submission, reference = read_submission(out / "submission.csv"), read_submission(tmp_path / "reference.csv")
+        plain = [c for c, steps in enumerate(recipe["postprocess"]) if not steps]  # the reference has no post-processing
+        assert plain
+        for name, rles in submission.rles.items():
+            assert [rles[c] for c in plain] == [reference.rles[name][c] for c in plain], name
+    assert len(read_submission(out / "submission.csv").rles) == 4  # 2 test patients, two hands each
     assert summary["verdict"] == recipe["oof_dice"]["verdict"]
     for name in ("dice.png", "search_report.png", "overlay.png"):
         picture = cv2.imread(str(out / name))
         assert picture is not None and picture.shape[0] > 500 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 20, name
-    assert "time: total" in result.output
+    assert "time: total" in result.output and "recipe - plain mean, held out" in result.output
+    assert max(len(line) for line in result.output.splitlines() if "│" in line or "┃" in line) <= 80
 
 
 def test_selfcheck(tmp_path: Path) -> None:
@@ -87,7 +91,7 @@ def test_selfcheck(tmp_path: Path) -> None:
 
 
 def test_demo_configurations_are_valid_member_specs(tmp_path: Path) -> None:
-    from segens.demo.run import CUDA, FULL, QUICK, config_for, member_specs
+    from segens.demo.config import CUDA, FULL, QUICK, config_for, member_specs
     from segens.members.registry import factory
     from segens.members.spec import load_spec, save_spec
 

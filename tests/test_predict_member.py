@@ -85,6 +85,25 @@ def test_test_store_averages_every_fold(project: Path) -> None:
         assert_quantized(store.read(record.key), expected)
 
 
+def test_per_fold_test_stores_hold_each_fold_models_own_maps(project: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["predict-member", str(project / "unet.yaml"), "--split", "test", "--data",
+                                      str(project / "data"), "--out", str(tmp_path / "unet.test.zarr"), "--per-fold"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "unet.test.zarr").exists()
+    models = fold_models(project)
+    records = discover(project / "data", "test", require_labels=False).records
+    for fold in range(3):
+        store = open_store(tmp_path / f"unet.test.fold{fold}.zarr")
+        assert store.fold == fold and list(store.checkpoints) == [fold] and store.split == "test"
+        for record in records:
+            expected = reference_member_probabilities([models[fold]], read_image(record.image_path), (64, 64),
+                                                      hflip=True)
+            assert_quantized(store.read(record.key), expected)
+    with pytest.raises(SegensError, match="--per-fold is for --split test"):
+        predict_member(project / "unet.yaml", "oof", project / "data", tmp_path / "o.zarr",
+                       folds_path=project / "folds.json", per_fold=True, progress=False)
+
+
 def test_jobs_2_writes_the_same_store_as_jobs_1(project: Path, tmp_path: Path) -> None:
     """Same batches (3 of 2 images), one process or two: the same bytes. (The batch size itself can move a value
     by one uint8 level: convolutions of a batch of 1 and of 4 round differently, so both runs use 2.)"""

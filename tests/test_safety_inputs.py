@@ -133,7 +133,7 @@ def _cell(field: str, row: int, column: int | None, value) -> callable:
         ("weighted", _set("strategy", "mean"), "strategy: Input should be 'soft', 'weighted' or 'hard'"),
         ("weighted", _set("postprocess", [["erode"]] * 29), r"postprocess\.0\.0: Input should be"),
         ("weighted", _set("colour", "red"), "colour: Extra inputs are not permitted"),
-        ("weighted", _set("version", "1"), "not a segens recipe of version 1"),
+        ("weighted", _set("version", "1"), r"not a segens recipe of a version this segens reads \(1, 2; version '1'\)"),
         ("weighted", lambda d: d.clear(), "not a segens recipe"),
     ],
 )

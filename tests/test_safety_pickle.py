@@ -109,13 +109,14 @@ def test_search_resume_files_are_json_and_pickles_there_never_run(project: Path,
     (folder,) = partial_root(out).iterdir()
     finished = sorted(folder.glob("class-*.json"))
     assert finished and all(json.loads(path.read_text())["format"] == RESUME_FORMAT for path in finished)
+    key = json.loads(finished[-1].read_text())["search"]
     marker = tmp_path / "code-ran"
     for channel in range(29):
         (folder / f"class-{channel:02d}.pkl").write_bytes(evil_pickle(marker))
     finished[0].write_bytes(evil_pickle(marker))  # a "JSON" file that is a pickle: searched again, never loaded
     (batch,) = (folder / "evidence").glob("batch-*.npz")  # evidence that is a pickle, or an npz holding one
     batch.write_bytes(evil_pickle(marker))
-    assert len(FinishedClasses(out, folder.name).load()) == len(finished) - 1
+    assert len(FinishedClasses(out, key, strategies=("weighted",)).load()) == len(finished) - 1
 
     _search(project, out)
     assert not marker.exists()
@@ -136,13 +137,17 @@ def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(projec
     back = result_from_json(json.loads(json.dumps(result_to_json(result))), tmp_path / "x.json")
     assert result_to_json(back) == result_to_json(result)
     assert back.recipe_choice.member_thresholds.tolist() == result.recipe_choice.member_thresholds.tolist()
-    finished = FinishedClasses(tmp_path / "r.json", "k" * 32)
-    finished.save(result)
+    finished = FinishedClasses(tmp_path / "r.json", "k" * 64, strategies=("hard",))
+    finished.save({"hard": result})
     assert list(finished.load()) == [3]
     path = finished.folder / "class-03.json"
-    document = json.loads(path.read_text())
+
+    def write(document: dict) -> None:
+        path.write_text(json.dumps({"format": RESUME_FORMAT, "search": "k" * 64, "results": {"hard": document}}))
+
+    document = result_to_json(result)
     document["channel"] = "__import__('os')"
-    path.write_text(json.dumps(document))
+    write(document)
     assert finished.load() == {}
     with pytest.raises(SegensError, match=r"x.json: channel: Input should be a valid integer"):
         result_from_json(document, tmp_path / "x.json")
@@ -160,7 +165,7 @@ def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(projec
     for message, edit in tampered.items():
         document = result_to_json(result)
         edit(document)
-        path.write_text(json.dumps(document))
+        write(document)
         assert finished.load() == {}, message  # searched again, never an IndexError in the recipe
         with pytest.raises(SegensError, match=re.escape(message)):
             result_from_json(document, tmp_path / "x.json")
@@ -168,9 +173,11 @@ def test_resume_json_round_trips_exactly_and_bad_files_are_searched_again(projec
     document["recipe_choice"]["weights"].append(1.0)
     document["recipe_choice"]["member_thresholds"].append(127)
     document["member_dice"].append(0.5)
-    path.write_text(json.dumps(document))
-    assert list(FinishedClasses(tmp_path / "r.json", "k" * 32).load()) == [3]
-    assert FinishedClasses(tmp_path / "r.json", "k" * 32, members=2).load() == {}
+    write(document)
+    assert list(FinishedClasses(tmp_path / "r.json", "k" * 64, strategies=("hard",)).load()) == [3]
+    assert FinishedClasses(tmp_path / "r.json", "k" * 64, members=2, strategies=("hard",)).load() == {}
+    another = FinishedClasses(tmp_path / "r.json", "k" * 32 + "j" * 32, strategies=("hard",))  # the same folder
+    assert another.folder == finished.folder and another.load() == {} and another.ignored == [path]
 
 
 # ---- train-member ----------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> Non
                                       str(tmp_path / "recipe.json"), "--report-csv", str(tmp_path / "report.csv"),
                                       "--plot", str(tmp_path / "report.png")])
     assert result.exit_code == 0, result.output
-    assert "mean over classes" in result.output and "held-out folds" in result.output
+    assert "mean over classes" in result.output and "held-out images" in result.output
     recipe = json.loads((tmp_path / "recipe.json").read_text())
     report = pd.read_csv(tmp_path / "report.csv")
     assert list(report["class"]) == list(CLASSES)
@@ -518,23 +518,34 @@ def test_choose_level_needs_more_than_a_standard_error() -> None:
 
 
 def test_cv_figure_of_the_recipe_decides_levels_without_the_scored_fold(project: Path, tmp_path: Path) -> None:
-    """Each fold's recipe figure is the level the rule picks on the other folds; the recipe itself keeps the level
-    picked on all folds. Picking on the scored folds too would flatter the estimate (it does here)."""
-    from segens.search.levels import LEVEL_NAMES as LEVELS
-    from segens.search.levels import choose_level
+    """Each fold's recipe figure applies the same rule without that fold's images: its level is the one a search of
+    the other folds' images alone writes, scored with the setting chosen on them. Deciding with the scored fold
+    too would flatter the estimate (it does here)."""
+    from segens.search.levels import LEVEL_NAMES
 
     report = search_weights([str(project / "sharp.oof.zarr")], project / "data", project / "folds.json",
                             tmp_path / "r.json", strategy="soft", step=0.25, cv=True, progress=False)
+    source = open_store(project / "sharp.oof.zarr")
+    folds = json.loads((project / "folds.json").read_text())["folds"]
     honest, flattering = [], []
-    for result in report.classes:
-        per_fold = {level: np.array([fold[level] for fold in result.cv]) for level in LEVELS if level in result.cv[0]}
-        assert result.level == choose_level(per_fold)
-        for index, fold in enumerate(result.cv):
-            assert fold["recipe"] == fold[choose_level({k: np.delete(v, index) for k, v in per_fold.items()})]
+    for index, fold in enumerate(sorted(set(folds.values()))):
+        kept = [key for key in source.planned if folds[key] != fold]
+        store = create_store(tmp_path / f"without-{fold}.zarr", "sharp", "smp", "oof", {}, source.checkpoints,
+                             images=kept)
+        for key in kept:
+            store.write_image(key, source.read(key))
+        alone = search_weights([str(tmp_path / f"without-{fold}.zarr")], project / "data", project / "folds.json",
+                               tmp_path / f"without-{fold}.json", strategy="soft", step=0.25, cv=True,
+                               progress=False)
+        for full, without in zip(report.ungated or report.classes, alone.ungated or alone.classes):
+            row = full.cv[index]
+            decided = LEVEL_NAMES[int(row["recipe_level"])]
+            assert (decided, row["fold"]) == (without.level, fold), CLASSES[full.channel]
+            assert row["recipe"] == row[decided]
+    for result in report.ungated or report.classes:
         honest.append(np.mean([fold["recipe"] - fold["mean"] for fold in result.cv]))
         flattering.append(np.mean([fold[result.level] - fold["mean"] for fold in result.cv]))
-    assert report.summary()["cv_gain_over_mean"] == pytest.approx(np.mean(honest), abs=1e-12)
-    assert np.mean(honest) < np.mean(flattering) - 0.002
+    assert np.mean(honest) < np.mean(flattering) - 0.001  # 0.0009 against 0.0023 here
     print(f"held-out gain over the plain mean: {np.mean(honest):+.4f} (levels chosen on all folds: "
           f"{np.mean(flattering):+.4f})")
 
@@ -565,12 +576,14 @@ def test_damaged_evidence_batches_are_extracted_again(project: Path, tmp_path: P
     (batch,) = batches(len(records))
     folder = tmp_path / "evidence"
     good = extract_batch(stores, records, THRESHOLDS)
-    save_batch(folder, batch, good)
-    assert valid_batch(folder, batch, 2)
-    assert not valid_batch(folder, batch, 3)  # a search of three members
+    key = "k" * 64
+    save_batch(folder, batch, good, key)
+    assert valid_batch(folder, batch, 2, key)
+    assert not valid_batch(folder, batch, 3, key)  # a search of three members
+    assert not valid_batch(folder, batch, 2, "j" * 64)  # another search's batch, copied into this folder
     path = batch_path(folder, batch)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert not valid_batch(folder, batch, 2)
+    assert not valid_batch(folder, batch, 2, key)
 
     def changed(name: str, value) -> dict:
         return {**good, name: value}
@@ -583,5 +596,7 @@ def test_damaged_evidence_batches_are_extracted_again(project: Path, tmp_path: P
                    changed("21/count", good["21/count"] + 1),
                    changed("21/values", np.array([object()], dtype=object))):
         with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
-        assert not valid_batch(folder, batch, 2)
+            np.savez(handle, search=np.frombuffer(key.encode(), np.uint8), **arrays)
+        assert not valid_batch(folder, batch, 2, key)
+    save_batch(folder, batch, good, key)
+    assert valid_batch(folder, batch, 2, key)  # the loop's files failed for their damage alone

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from segens.cli._app import app, console, output
 from segens.cli.options import Backend, Scheduler, StorageOptions
@@ -15,7 +16,7 @@ from segens.cli.options import Backend, Scheduler, StorageOptions
 def combine(
     stores: Annotated[list[str], typer.Argument(help="Probability stores of the members (same split), e.g. stores/*.test.zarr (paths or URLs such as s3://bucket/vgg.test.zarr).")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write (atomically).")],
-    strategy: Annotated[str, typer.Option(help="soft | weighted | hard (see below).")] = "soft",
+    strategy: Annotated[str | None, typer.Option(help="soft | weighted | hard (see below); default: the recipe's, else soft.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe.json from `ens search-weights`: per-class weights, thresholds, post-processing.")] = None,
     weights: Annotated[str | None, typer.Option(help="Global member weights, e.g. vgg=2,hrnet=1,yolo=1 (normalised per class).")] = None,
     threshold: Annotated[float | None, typer.Option(help="One threshold for every class (default 0.5, or the recipe's): keep p > threshold.")] = None,
@@ -54,4 +55,8 @@ def combine(
                   storage_options=parse_storage_options(storage_options), overwrite=overwrite)
     for member, count in summary.missing.items():
         console.print(f"[yellow]warning:[/] member {member} was missing for {count} image(s) and was dropped there")
+    for member, classes in summary.shifted.items():
+        console.print(f"[yellow]warning:[/] {escape(member)}'s maps here are not like the OOF maps the recipe was "
+                      f"fitted on, in {len(classes)} class(es): {escape('; '.join(classes))}. Thresholds fitted on "
+                      "sharper (or softer) maps may not transfer; see the README (OOF and test maps)", soft_wrap=True)
     output.print(f"{summary.out}: {summary.rows} rows for {summary.images} images, {summary.seconds:.1f} s")

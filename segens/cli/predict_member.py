@@ -24,6 +24,7 @@ def predict_member(
                                                  "so resuming writes the same bytes); each forward pass takes at most "
                                                  "the spec's train.predict_batch_size (default 4) of them.")] = 4,
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
+    per_fold: Annotated[bool, typer.Option(help="--split test: one store per fold model (m.test.fold0.zarr, ...) instead of their mean; `ens combine` applies a recipe to each fold's maps and merges the results.")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="Local processes predicting side by side (each holds its own model copy).")] = 1,
     backend: Backend = "local",
     scheduler: Scheduler = None,
@@ -48,7 +49,7 @@ def predict_member(
 
     summary = run(spec, split, data, out, folds_path=folds, overwrite=overwrite, device=device,
                   trust_pickle=trust_pickle, batch_size=batch_size, jobs=jobs, backend=backend, scheduler=scheduler,
-                  storage_options=parse_storage_options(storage_options))
+                  storage_options=parse_storage_options(storage_options), per_fold=per_fold)
     rate = summary.written / summary.seconds if summary.seconds and summary.written else 0.0
     output.print(f"{summary.store}: {summary.written} image(s) written, {summary.skipped} already complete, "
                  f"{summary.seconds:.1f} s ({rate:.2f} img/s)")

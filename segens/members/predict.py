@@ -71,12 +71,23 @@ def planned_batches(jobs: Sequence[tuple[ImageRecord, tuple[int, ...]]], size: i
     return [batch for batch in _batches(jobs, size) if any(record.key not in done for record, _ in batch)]
 
 
+def fold_store_path(out: str | Path, fold: int) -> str:
+    """Where ``--per-fold`` writes fold ``fold``'s maps: ``m.test.zarr`` -> ``m.test.fold2.zarr``."""
+    text = str(out).rstrip("/")
+    return text[:-len(".zarr")] + f".fold{fold}.zarr" if text.endswith(".zarr") else f"{text}.fold{fold}"
+
+
 def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str | Path,
                    folds_path: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
                    trust_pickle: bool = False, batch_size: int = 4, progress: bool = True, jobs: int = 1,
                    backend: str = "local", scheduler: str | None = None,
-                   storage_options: dict[str, Any] | None = None, pipelined: bool = True) -> PredictSummary:
+                   storage_options: dict[str, Any] | None = None, pipelined: bool = True,
+                   per_fold: bool = False) -> PredictSummary:
     """Predict a split into the store at ``out`` (created, or resumed if it has the same identity).
+
+    ``per_fold`` (test split): one store per fold model instead of their mean, at ``fold_store_path(out, f)``, each
+    recording its fold: maps made in the conditions of the OOF maps a recipe is fitted on (``ens combine`` applies
+    a recipe to each fold's stores and merges the results).
 
     ``backend="local"`` with ``jobs=1`` predicts in this process; ``jobs > 1`` in joblib processes, and
     ``backend="dask"`` on the workers of the Dask scheduler at ``scheduler`` (see segens.infra.backend). In parallel,
@@ -93,28 +104,40 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     check_jobs(jobs)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SegensError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-    check_outputs([Output(out, "store", "--out", resumable=True)], inputs=[spec_path, root, folds_path],
-                  overwrite=overwrite)
     spec = load_spec(spec_path)
+    if per_fold and split != "test":
+        raise SegensError("--per-fold is for --split test (an OOF image is predicted by one fold model already)")
+    if per_fold and not spec.checkpoints:
+        raise SegensError(f"{spec.where}: --per-fold needs a member with fold checkpoints")
+    outs = [fold_store_path(out, fold) for fold in sorted(spec.checkpoints)] if per_fold else [str(out)]
+    check_outputs([Output(path, "store", "--out", resumable=True) for path in outs],
+                  inputs=[spec_path, root, folds_path], overwrite=overwrite)
     member = build_member(spec, device=device, trust_pickle=trust_pickle)
     if backend == "dask":
         root = Path(root).resolve()  # workers read the images by these paths, from their own working directory
     jobs_planned, checkpoints = member.plan(split, root, folds_path)
-    location = shared_location(out, backend)
+    targets = [(str(out), None, jobs_planned, checkpoints)]
+    if per_fold:
+        targets = [(path, fold, [(record, (fold,)) for record, _ in jobs_planned], {fold: checkpoints[fold]})
+                   for path, fold in zip(outs, sorted(spec.checkpoints))]
+    written = skipped = 0
+    started = time.perf_counter()
     with parallel_backend(backend, scheduler) as client:  # reach the cluster before anything is written
-        store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), checkpoints,
-                             images=[record.key for record, _ in jobs_planned], overwrite=overwrite,
-                             storage_options=store_options(location, storage_options))
-        done = store.completed()
-        todo = [job for job in jobs_planned if job[0].key not in done]
-        batches = planned_batches(jobs_planned, batch_size, done)
-        started = time.perf_counter()
-        if backend == "local" and jobs == 1:
-            _run(member, store, batches, done, split, progress, len(todo), pipelined)
-        else:
-            _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, batches, done, split,
-                          progress, len(todo), n_jobs(backend, jobs), worker_count(client, jobs))
-    return PredictSummary(str(out), len(todo), len(jobs_planned) - len(todo), time.perf_counter() - started)
+        for path, fold, planned, used in targets:
+            location = shared_location(path, backend)
+            store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), used,
+                                 images=[record.key for record, _ in planned], overwrite=overwrite,
+                                 storage_options=store_options(location, storage_options), fold=fold)
+            done = store.completed()
+            todo = [job for job in planned if job[0].key not in done]
+            batches = planned_batches(planned, batch_size, done)
+            if backend == "local" and jobs == 1:
+                _run(member, store, batches, done, split, progress, len(todo), pipelined)
+            else:
+                _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, batches, done, split,
+                              progress, len(todo), n_jobs(backend, jobs), worker_count(client, jobs))
+            written, skipped = written + len(todo), skipped + len(planned) - len(todo)
+    return PredictSummary(", ".join(outs), written, skipped, time.perf_counter() - started)
 
 
 def _write_batch(member, store: ProbabilityStore, batch: list, split: str, done: set[str]) -> Iterator[str]:

@@ -22,18 +22,21 @@ chooses on the other folds, so the estimate covers the rule too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from segens.conventions.dice import dice_from_counts
+from segens.ensemble.shift import shape_of
 from segens.search.evidence import ClassEvidence, image_masks
-from segens.search.levels import choose_level, make_subsets
+from segens.search.levels import LEVEL_NAMES, choose_level, held_out_scores, make_plan, make_subsets
 from segens.search.scorer import ClassScorer
 from segens.voting import get_strategy
 from segens.voting.base import HALF, Choice, Strategy
 from segens.voting.morphology import apply_postprocessing
+from segens.voting.rules import normalise_weights
 
 VARIANTS = ([], ["largest_component"], ["fill_holes"], ["largest_component", "fill_holes"])
 
@@ -72,15 +75,37 @@ class ClassResult:
     evaluations: int
     cv: list[dict[str, float]] = field(default_factory=list)  # per fold, held out: recipe, each level, mean, best
     level: str = "searched"  # the level the recipe uses (see segens.search.levels)
+    held_out: dict[str, list[float]] = field(default_factory=dict)
+    """With CV, per image: 'recipe' (the level the rule decides without the image's fold, its setting chosen on
+    the other folds), 'searched', 'plain' (the strategy's plain rule), 'mean' (the plain mean at 0.5) and
+    'best_member' (the member best on the other folds, at 0.5)."""
+    plain_choice: Choice | None = None  # the strategy's plain rule, written where the overall gate falls back
+    plain_dice: float = float("nan")  # the plain rule on all OOF images
+    maps: list[list[float]] = field(default_factory=list)
+    """Per member, [area, soft] of its OOF maps of this class (segens.ensemble.shift)."""
+
+    def as_plain(self) -> ClassResult:
+        """This class with the plain rule as its recipe (the overall gate's fallback): its held-out figures become
+        the plain rule's too."""
+        held_out = {**self.held_out, "recipe": self.held_out["plain"]} if "plain" in self.held_out else self.held_out
+        cv = [{**row, "recipe": row["plain"], "recipe_level": 0.0} for row in self.cv]
+        return dataclasses.replace(self, recipe_choice=self.plain_choice, postprocess=[], oof_dice=self.plain_dice,
+                                   level="plain", held_out=held_out, cv=cv)
 
 
 def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: np.ndarray, step: float = 0.1,
                  method: str = "grid", folds_of_images: Sequence[int] | None = None,
-                 postprocess: bool = True, fallback: bool = True) -> ClassResult:
-    """Search one class on its evidence: candidates per subset, post-processing, CV scores and, with CV and
-    ``fallback``, the level kept by :func:`segens.search.levels.choose_level`."""
+                 postprocess: bool = True, fallback: bool = True,
+                 patients_of_images: Sequence[str] | None = None) -> ClassResult:
+    """Search one class on its evidence: candidates on every subset of the CV plan, post-processing, held-out
+    scores and, with CV and ``fallback``, the level kept by the no-loss rule (segens.search.levels)."""
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-    subsets = make_subsets(folds_of_images, evidence.images)
+    plan = None
+    patients = np.asarray(patients_of_images if patients_of_images is not None
+                          else [str(i) for i in range(evidence.images)])
+    if folds_of_images is not None:
+        plan = make_plan(folds_of_images, patients)
+    subsets = plan.subsets if plan is not None else make_subsets(None, evidence.images)
     members = evidence.members
     scorer = ClassScorer(evidence, subsets, thresholds)
     choices = strategy.search(scorer, evidence.values, step, method)
@@ -103,32 +128,47 @@ def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: 
         return list(VARIANTS[best]), variants[best]
 
     simple = strategy.simple_levels(scorer, evidence.values)  # level -> {subset: (choice, per_image)}
-    held_out: dict[str, list[float]] = {}
-    cv = []
-    for name_index, name in enumerate(subsets.names):
-        if not name.startswith("train-"):
-            continue
-        held_index = subsets.names.index(name.replace("train-", "heldout-"))
-        held = subsets.masks[held_index]
-        fold = {"fold": int(name.split("-")[1])}
-        for level, by_subset in simple.items():
-            fold[level] = float(by_subset[name_index][1][held].mean())
-        fold["searched"] = float(searched(name_index)[1][held].mean())
-        best_member = int(np.argmax(singles[:, name_index]))  # chosen on the training folds
-        fold |= {"mean": float(equal[held_index]), "best_member": float(singles[best_member, held_index])}
-        cv.append(fold)
-        for level in [*simple, "searched"]:
-            held_out.setdefault(level, []).append(fold[level])
-    per_fold = {k: np.asarray(v) for k, v in held_out.items()}
-    level = choose_level(per_fold) if cv and fallback else "searched"
-    for index, fold in enumerate(cv):
-        # the rule decided without the fold it is scored on: deciding on all folds would flatter the estimate
-        fold["recipe"] = fold[choose_level({k: np.delete(v, index) for k, v in per_fold.items()})
-                              if fallback else "searched"]
+    levels = [*simple, "searched"]
+
+    def per_image(level: str, subset: int) -> np.ndarray:
+        """(images,) Dice of ``level``'s setting chosen on ``subset``."""
+        return searched(subset)[1] if level == "searched" else simple[level][subset][1]
+
+    def decide(parts: Sequence[tuple[int, np.ndarray]]) -> str:
+        """The no-loss rule on the images of ``parts`` (paired per patient)."""
+        if not fallback:
+            return "searched"
+        covered = np.any([part for _, part in parts], axis=0)
+        return choose_level({level: held_out_scores(parts, lambda subset, level=level: per_image(level, subset),
+                                                    evidence.images)[covered] for level in levels}, patients[covered])
+
+    level, cv, held_out = "searched", [], {}
+    if plan is not None:
+        level = decide(plan.recipe)
+        image_means = scorer.weighted_per_image(normalise_weights(np.ones(members)))[:, HALF]
+        recipe_scores = np.full(evidence.images, np.nan)
+        best_scores = np.full(evidence.images, np.nan)
+        for fold in plan.folds:
+            train, held = plan.train[fold], plan.held_out[fold]
+            row = {"fold": fold, **{name: float(per_image(name, train)[held].mean()) for name in levels}}
+            best_member = int(np.argmax(singles[:, train]))  # chosen on the training folds
+            member_scores = scorer.weighted_per_image(np.eye(members, dtype=np.float32)[best_member])[:, HALF]
+            estimate_level = decide(plan.inner[fold])  # the same rule, without this fold's images
+            recipe_scores[held] = per_image(estimate_level, train)[held]
+            best_scores[held] = member_scores[held]
+            row |= {"mean": float(image_means[held].mean()), "best_member": float(member_scores[held].mean()),
+                    "recipe": float(recipe_scores[held].mean()), "recipe_level": LEVEL_NAMES.index(estimate_level)}
+            cv.append(row)
+        held_out = {"recipe": recipe_scores,
+                    "searched": held_out_scores(plan.recipe, lambda s: per_image("searched", s), evidence.images),
+                    "plain": simple["plain"][0][1], "mean": image_means, "best_member": best_scores}
+        held_out = {name: [float(value) for value in values] for name, values in held_out.items()}
     if level == "searched":
-        steps, per_image = searched(0)
+        steps, scores = searched(0)
         choice = choices[0]
     else:
-        (choice, per_image), steps = simple[level][0], []
-    return ClassResult(evidence.channel, choice, steps, float(per_image.mean()), singles[:, 0].tolist(),
-                       float(equal[0]), evidence.ambiguous_pixels, evaluations, cv, level)
+        (choice, scores), steps = simple[level][0], []
+    plain_choice, plain_scores = simple["plain"][0]
+    return ClassResult(evidence.channel, choice, steps, float(scores.mean()), singles[:, 0].tolist(),
+                       float(equal[0]), evidence.ambiguous_pixels, evaluations, cv, level, held_out, plain_choice,
+                       float(plain_scores.mean()), shape_of(evidence.member_counts.sum(axis=0), int(evidence.pixels.sum())))

@@ -21,6 +21,7 @@ import numpy as np
 
 from segens.conventions.dataset import ImageRecord
 from segens.conventions.labels import read_label_mask
+from segens.ensemble.shift import region_counts
 from segens.ensemble.stores import union_box
 from segens.store import SCALE, ProbabilityStore
 
@@ -53,6 +54,8 @@ class ClassEvidence:
     boxes: np.ndarray  # (images, 4) int32: union box of the members' boxes (row0, row1, col0, col1); -1 if none
     bits: np.ndarray  # uint8: per image, np.packbits of the always-positive mask, then of the truth, in the box
     bit_offsets: np.ndarray  # (images + 1,) int64: where each image's bits start in ``bits``
+    member_counts: np.ndarray  # (images, M, 3) int64: per member, segens.ensemble.shift.region_counts of its values
+    pixels: np.ndarray  # (images,) int64: the image's pixels (height x width)
 
     @property
     def images(self) -> int:
@@ -88,7 +91,7 @@ class ClassEvidence:
 
 
 FIELDS = ("values", "truth", "count", "image", "position", "row", "fixed_positive", "fixed_true_positive",
-          "truth_total", "boxes", "bits", "bit_offsets")
+          "truth_total", "boxes", "bits", "bit_offsets", "member_counts", "pixels")
 
 
 def concatenate(channel: int, parts: Sequence[ClassEvidence]) -> ClassEvidence:
@@ -110,6 +113,8 @@ def concatenate(channel: int, parts: Sequence[ClassEvidence]) -> ClassEvidence:
         np.concatenate([part.boxes for part in parts]),
         np.concatenate([part.bits for part in parts]),
         np.concatenate([[0]] + [part.bit_offsets[1:] + base for part, base in zip(parts, bit_base)]).astype(np.int64),
+        np.concatenate([part.member_counts for part in parts]),
+        np.concatenate([part.pixels for part in parts]),
     )
 
 
@@ -153,8 +158,11 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
     rows_so_far = {channel: 0 for channel in channels}
     counts = {channel: np.zeros((3, count), np.int64) for channel in channels}  # fixed +, fixed true +, truth
     boxes = {channel: np.full((count, 4), -1, np.int32) for channel in channels}
+    shapes = {channel: np.zeros((count, members, 3), np.int64) for channel in channels}
+    pixels = np.zeros(count, np.int64)
     for index, record in enumerate(records):
         size = stores[0].image_size(record.key)
+        pixels[index] = size[0] * size[1]
         truth = image_truth(record, size)
         member_boxes = [store.boxes(record.key) for store in stores]
         for channel in channels:
@@ -166,6 +174,7 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
                 continue
             boxes[channel][index] = box
             regions = [store.read_region(record.key, channel, box) for store in stores]
+            shapes[channel][index] = [region_counts(region) for region in regions]
             lowest, highest = regions[0].copy(), regions[0].copy()
             for region in regions[1:]:
                 np.minimum(lowest, region, out=lowest)
@@ -200,7 +209,8 @@ def extract_classes(stores: Sequence[ProbabilityStore], records: Sequence[ImageR
             np.concatenate(piece["position"]) if piece["position"] else np.zeros(0, np.int32),
             np.concatenate(piece["row"]) if piece["row"] else np.zeros(0, np.int32),
             counts[channel][0], counts[channel][1], counts[channel][2], boxes[channel],
-            np.concatenate(piece["bits"]) if piece["bits"] else np.zeros(0, np.uint8), offsets,
+            np.concatenate(piece["bits"]) if piece["bits"] else np.zeros(0, np.uint8), offsets, shapes[channel],
+            pixels.copy(),
         )
     return result
 

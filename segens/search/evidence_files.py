@@ -49,10 +49,10 @@ def extract_batch(stores: Sequence[ProbabilityStore], records: Sequence[ImageRec
     return arrays
 
 
-def save_batch(folder: Path, batch: range, arrays: dict[str, np.ndarray]) -> None:
-    """Write a batch file atomically (uncompressed .npz, no pickled objects)."""
+def save_batch(folder: Path, batch: range, arrays: dict[str, np.ndarray], search: str) -> None:
+    """Write a batch file atomically (uncompressed .npz, no pickled objects), naming the search it belongs to."""
     with atomic_write(batch_path(folder, batch), "wb") as handle:
-        np.savez(handle, allow_pickle=False, **arrays)
+        np.savez(handle, allow_pickle=False, search=np.frombuffer(search.encode(), np.uint8), **arrays)
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,13 @@ class ClassOnDisk:
         return load_class(self.folder, self.channel, self.images, self.members)
 
 
-def valid_batch(folder: Path, batch: range, members: int) -> bool:
-    """Whether the batch's file is there and holds every class's evidence of its images."""
+def valid_batch(folder: Path, batch: range, members: int, search: str) -> bool:
+    """Whether the batch's file is there, belongs to the search ``search`` (its key) and holds every class's
+    evidence of its images."""
     try:
         with np.load(batch_path(folder, batch), allow_pickle=False) as archive:
+            if archive["search"].dtype != np.uint8 or archive["search"].tobytes() != search.encode():
+                return False
             for channel in range(NUM_CLASSES):
                 _checked(channel, {name: archive[f"{channel}/{name}"] for name in STORED}, len(batch), members)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
@@ -97,7 +100,8 @@ def _checked(channel: int, arrays: dict[str, np.ndarray], images: int, members: 
                 "rows_of_image": (np.int64, (images,)), "position": (np.int32, (pixels,)), "row": (np.int32, (pixels,)),
                 "fixed_positive": (np.int64, (images,)), "fixed_true_positive": (np.int64, (images,)),
                 "truth_total": (np.int64, (images,)), "boxes": (np.int32, (images, 4)), "bits": (np.uint8, None),
-                "bit_offsets": (np.int64, (images + 1,))}
+                "bit_offsets": (np.int64, (images + 1,)), "member_counts": (np.int64, (images, members, 3)),
+                "pixels": (np.int64, (images,))}
     for name, (dtype, shape) in expected.items():
         array = arrays[name]
         if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):

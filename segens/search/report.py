@@ -4,7 +4,7 @@ verdict on whether the recipe helps on held-out folds."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,8 @@ from segens.conventions.classes import CLASSES
 from segens.infra.atomic import atomic_write
 from segens.search.class_search import ClassResult
 from segens.search.evidence import threshold_grid
-from segens.search.levels import LEVEL_NAMES
+from segens.search.levels import LEVEL_NAMES, Z
+from segens.search.overall import Comparison, gate, image_scores
 from segens.voting import get_strategy
 
 
@@ -25,52 +26,92 @@ class SearchReport:
     members: list[str]
     classes: list[ClassResult]
     recipe_path: str | None = None
-    fallback: bool = True  # the no-loss rule chose each class's level (with CV)
+    fallback: bool = True  # the no-loss rule chose each class's level and the overall gate ran (with CV)
+    gate: Comparison | None = None  # the searched recipe's held-out gain over the plain rule (with CV)
+    gated: bool = False  # the gate found that gain not reliably positive: the recipe written is the plain rule
+    alternatives: dict[str, SearchReport] = field(default_factory=dict)  # --strategy auto: the others searched
+    choice_reason: str = ""
+    notes: list[str] = field(default_factory=list)
+    patients: list[str] | None = None  # each image's patient (held-out comparisons are paired per patient)
+    ungated: list[ClassResult] | None = None  # where the gate wrote the plain rule: the classes as searched
+
+    @property
+    def cv(self) -> bool:
+        return bool(self.classes and self.classes[0].held_out)
+
+    def apply_gate(self) -> None:
+        """With CV and the fallback, the overall gate: where the recipe's held-out gain over the plain rule (each
+        image scored by levels and settings chosen without its fold, over all classes, paired per patient) is not
+        reliably positive, the plain rule is written everywhere (``ungated`` keeps the classes as searched)."""
+        if not (self.cv and self.fallback):
+            return
+        self.gate = gate(self.classes, self.patients)
+        if not self.gate.reliable:
+            self.gated, self.ungated = True, self.classes
+            self.classes = [result.as_plain() for result in self.classes]
+
+    def comparisons(self) -> dict[str, Comparison]:
+        """Held-out comparisons over images (with CV): the written recipe and the searched setting everywhere,
+        each against the plain mean, the strategy's plain rule and the best single member of each class."""
+        pairs = {"recipe over mean": ("recipe", "mean"), "searched over mean": ("searched", "mean"),
+                 "recipe over plain": ("recipe", "plain"), "recipe over best member": ("recipe", "best_member"),
+                 "searched over best member": ("searched", "best_member")}
+        return {name: Comparison.of(image_scores(self.classes, a), image_scores(self.classes, b), self.patients)
+                for name, (a, b) in pairs.items()}
 
     def summary(self) -> dict[str, float]:
-        """Means over classes: each member, the plain mean, the recipe; and the CV gains if run."""
+        """Means over classes: each member, the plain mean, the recipe; with CV the held-out Dice of each and the
+        gains (mean and standard error over images), and the classes at each level."""
         summary = {f"member:{name}": float(np.mean([c.member_dice[m] for c in self.classes]))
                    for m, name in enumerate(self.members)}
         summary["plain_mean"] = float(np.mean([c.mean_dice for c in self.classes]))
         summary["recipe"] = float(np.mean([c.oof_dice for c in self.classes]))
-        folds = [row["fold"] for row in self.classes[0].cv]
-        if folds:
-            for column in ("recipe", "searched", "mean", "best_member"):  # held-out Dice, mean over folds
-                summary[f"cv_{column}"] = float(np.mean([np.mean([c.cv[i][column] for c in self.classes])
-                                                         for i in range(len(folds))]))
-            for name, column in (("", "recipe"), ("_searched", "searched")):
-                over_mean = [np.mean([c.cv[i][column] - c.cv[i]["mean"] for c in self.classes]) for i in range(len(folds))]
-                over_best = [np.mean([c.cv[i][column] - c.cv[i]["best_member"] for c in self.classes])
-                             for i in range(len(folds))]
-                summary.update({f"cv_gain{name}_over_mean": float(np.mean(over_mean)),
-                                f"cv_gain{name}_over_mean_std": float(np.std(over_mean)),
-                                f"cv_gain{name}_over_best_member": float(np.mean(over_best)),
-                                f"cv_gain{name}_over_best_member_std": float(np.std(over_best))})
+        if self.cv:
+            for column in ("recipe", "searched", "mean", "plain", "best_member"):
+                summary[f"cv_{column}"] = float(image_scores(self.classes, column).mean())
+            for name, comparison in self.comparisons().items():
+                key = "cv_gain_" + name.removeprefix("recipe ").replace(" ", "_")
+                summary[key], summary[f"{key}_se"] = comparison.gain, comparison.se
             for level in LEVEL_NAMES:
                 summary[f"classes_{level}"] = float(sum(c.level == level for c in self.classes))
+            if self.gate is not None:
+                summary["gate_gain"], summary["gate_se"] = self.gate.gain, self.gate.se
+                summary["gated"] = float(self.gated)
         return summary
 
     def verdict(self) -> str:
-        """Plain sentences: does the recipe beat the plain mean on held-out folds, and where did it fall back?"""
-        summary = self.summary()
-        if "cv_gain_over_mean" not in summary:
+        """Plain sentences: does the recipe beat the plain mean on held-out images, and where did it fall back?"""
+        if not self.cv:
             return ("OOF scores of a searched recipe flatter it (fitted and scored on the same images); "
                     "run with --cv for an honest estimate (and the fallback to the plain rule where searching "
                     "does not pay).")
-        levels = ", ".join(f"{int(summary[f'classes_{level}'])} {level}" for level in LEVEL_NAMES
-                           if summary.get(f"classes_{level}"))
-        searched = (f"searched everywhere: {summary['cv_gain_searched_over_mean']:+.4f} ± "
-                    f"{summary['cv_gain_searched_over_mean_std']:.4f}")
-        gain, spread = summary["cv_gain_over_mean"], summary["cv_gain_over_mean_std"]
-        if summary.get("classes_searched", 0) == 0 and summary.get("classes_threshold", 0) == 0:
-            return (f"Searching does not beat the plain rule on held-out folds for any class ({searched}); the "
-                    f"recipe is the plain rule.")
-        judged = "beats" if gain > 0 and gain >= spread else "is NOT reliably better than"
-        best, best_spread = summary["cv_gain_over_best_member"], summary["cv_gain_over_best_member_std"]
-        return (f"The recipe ({levels} classes) {judged} the plain mean on held-out folds: {gain:+.4f} ± "
-                f"{spread:.4f} Dice ({searched}); against the best single member of each class: {best:+.4f} ± "
-                f"{best_spread:.4f}." + (" Each fold's figure comes from levels chosen on the other folds."
-                                         if self.fallback else " No fallback: every class keeps its searched setting."))
+        found = self.comparisons()
+        searched = f"searched everywhere: {found['searched over mean'].text()}"
+        lines = []
+        if self.gated:
+            lines.append(f"Searching does not beat the plain rule on held-out images: the searched recipe's gain over "
+                         f"it, {self.gate.text()} Dice, is not reliably positive (it needs more than {Z:g} standard "
+                         f"errors), so the recipe written is the plain rule ({searched}).")
+        elif sum(c.level != "plain" for c in self.classes) == 0:
+            lines.append(f"Searching does not beat the plain rule on held-out images for any class ({searched}); "
+                         "the recipe is the plain rule.")
+        else:
+            counts = ", ".join(f"{sum(c.level == level for c in self.classes)} {level}" for level in LEVEL_NAMES
+                               if any(c.level == level for c in self.classes))
+            recipe = found["recipe over mean"]
+            judged = "beats" if recipe.reliable else "is NOT reliably better than"
+            lines.append(f"The recipe ({counts} classes) {judged} the plain mean on held-out images: {recipe.text()} "
+                         f"Dice ({searched}); against the best single member of each class: "
+                         f"{found['recipe over best member'].text()}.")
+            lines.append("Each image's figure comes from levels and settings chosen without its fold." if self.fallback
+                         else "No fallback: every class keeps its searched setting.")
+        if self.alternatives:
+            others = "; ".join(f"{name}: {r.comparisons()['recipe over mean'].text()}"
+                               for name, r in self.alternatives.items())
+            lines.append(f"Strategy {self.strategy} chosen: {self.choice_reason}. Held-out gain over the plain mean "
+                         f"of the others' recipes: {others}.")
+        lines += self.notes
+        return " ".join(lines)
 
 
 def report_rows(report: SearchReport) -> list[dict[str, object]]:
@@ -85,11 +126,10 @@ def report_rows(report: SearchReport) -> list[dict[str, object]]:
         row["recipe"] = round(result.oof_dice, 6)
         row |= get_strategy(report.strategy).report_columns(result.recipe_choice, thresholds)
         row["postprocess"] = "+".join(result.postprocess) or "-"
-        if result.cv:
+        if result.held_out:
             row["level"] = result.level
             for column, name in (("recipe", "cv_gain_vs_mean"), ("searched", "cv_gain_searched_vs_mean")):
-                gains = [fold[column] - fold["mean"] for fold in result.cv]
-                row[name] = f"{np.mean(gains):+.4f} ± {np.std(gains):.4f}"
+                row[name] = Comparison.of(result.held_out[column], result.held_out["mean"]).text()
         rows.append(row)
     return rows
 

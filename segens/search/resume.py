@@ -1,15 +1,17 @@
 """Resuming ``ens search-weights``: each finished class is kept beside the recipe, so a killed search loses at
 most the classes in progress.
 
-Finished classes live in ``.<recipe name>.partial/<key>/class-NN.json`` next to the recipe. The key is a sha256
-of everything the result depends on (the stores' URLs and attributes, which hold their checkpoints and spec,
-the image keys, the folds, the search settings), so a changed input never reuses a stale class. The folder is
-removed once the recipe is written. The files are plain JSON (floats written with Python's exact repr, so a
-resumed search gives the same recipe), validated when read: whoever can write beside the recipe can at most make
-a class be searched again (an unreadable or invalid file, or one whose settings do not fit the search: weights and
-Dice per member, thresholds among the 255 levels, vote counts, known post-processing) or report wrong numbers,
-never run code. Files of
-other formats there (the pickles of older segens versions) are ignored.
+Finished classes live in ``.<recipe name>.partial/<key>/class-NN.json`` next to the recipe, one file per class
+holding the result of every strategy searched (``--strategy auto`` searches three). The key is a sha256 of
+everything the result depends on (the stores' URLs and attributes, which hold their checkpoints and spec, the
+image keys and the content of their label files, the folds, the search settings), so a changed input never reuses
+a stale class; every file also carries the whole key, so a file copied in from another search is ignored (and
+counted, for a note) even inside this search's folder. The folder is removed once the recipe is written. The
+files are plain JSON (floats written with Python's exact repr, so a resumed search gives the same recipe),
+validated when read: whoever can write beside the recipe can at most make a class be searched again (an
+unreadable or invalid file, or one whose settings do not fit the search: weights and Dice per member, thresholds
+among the 255 levels, vote counts, known post-processing) or report wrong numbers, never run code. Files of other
+formats there (the pickles of older segens versions) are ignored.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from segens.store import ProbabilityStore
 from segens.voting.base import Choice
 from segens.voting.recipe import POSTPROCESSING
 
-FORMAT = 4  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
+FORMAT = 5  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
 #   3: the level kept by the no-loss rule, evidence batches beside the classes; 4: each fold's recipe figure from
-#   levels chosen without that fold)
+#   levels chosen without that fold; 5: per-image held-out scores, one file per class for every strategy searched,
+#   the search's key inside every file)
 MAX_CLASS_FILE_BYTES = 4 << 20
 
 
@@ -47,45 +50,66 @@ def partial_root(out: str | Path) -> Path:
 
 
 def search_key(stores: Sequence[ProbabilityStore], keys: Sequence[str], folds_of_images: Sequence[int] | None,
-               settings: dict[str, Any]) -> str:
-    """sha256 (hex) of every input a class result depends on."""
+               settings: dict[str, Any], labels: str = "") -> str:
+    """sha256 (hex) of every input a class result depends on (``labels``: the digest of the label files)."""
     document = {"format": FORMAT, "stores": [[store.url, store.attributes] for store in stores],
                 "keys": list(keys), "folds": None if folds_of_images is None else [int(f) for f in folds_of_images],
-                "settings": settings}
+                "settings": settings, "labels": labels}
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def labels_digest(label_paths: Sequence[Path]) -> str:
+    """sha256 (hex) of the label files' contents, in order: a corrected label file is a changed input."""
+    digest = hashlib.sha256()
+    for path in label_paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 class FinishedClasses:
     """The finished classes of one search (one key): load those already there, save each new one at once."""
 
-    def __init__(self, out: str | Path, key: str, members: int | None = None) -> None:
+    def __init__(self, out: str | Path, key: str, members: int | None = None,
+                 strategies: Sequence[str] = ()) -> None:
         self.root = partial_root(out)
+        self.key = key
         self.folder = self.root / key[:32]
         self.members = members  # a file whose per-member lists have another length is searched again
+        self.strategies = tuple(strategies)  # a file lacking one of them is searched again
+        self.ignored: list[Path] = []  # files of another search found here (a note says so)
 
-    def load(self) -> dict[int, ClassResult]:
-        """Channel -> result for every class a previous run of the same search finished (unreadable or invalid
-        files are searched again; nothing in them is ever executed)."""
+    def load(self) -> dict[int, dict[str, ClassResult]]:
+        """Channel -> {strategy: result} for every class a previous run of the same search finished (unreadable or
+        invalid files are searched again; nothing in them is ever executed)."""
         finished = {}
         for path in sorted(self.folder.glob("class-*.json")):
             try:
-                result = result_from_json(load_json(path, "search resume file", MAX_CLASS_FILE_BYTES), path)
+                document = load_json(path, "search resume file", MAX_CLASS_FILE_BYTES)
+                results = results_from_json(document, path)
             except SegensError:
                 continue
-            if path.name == _file_name(result.channel) and self._fits(result):
-                finished[result.channel] = result
+            if document.get("search") != self.key:
+                self.ignored.append(path)
+                continue
+            channels = {result.channel for result in results.values()}
+            if path.name == _file_name(min(channels)) and len(channels) == 1 and set(results) == set(self.strategies) \
+                    and all(self._fits(result) for result in results.values()):
+                finished[channels.pop()] = results
         return finished
 
     def _fits(self, result: ClassResult) -> bool:
         choice = result.recipe_choice
-        lengths = [choice.weights.size, len(result.member_dice)]
+        lengths = [choice.weights.size, len(result.member_dice), len(result.maps)]
         if choice.member_thresholds is not None:
             lengths.append(choice.member_thresholds.size)
         return self.members is None or (all(length == self.members for length in lengths)
                                         and (choice.min_votes is None or choice.min_votes <= self.members))
 
-    def save(self, result: ClassResult) -> None:
-        atomic_write_text(self.folder / _file_name(result.channel), json.dumps(result_to_json(result)) + "\n")
+    def save(self, results: dict[str, ClassResult]) -> None:
+        channel = next(iter(results.values())).channel
+        document = {"format": FORMAT, "search": self.key, "results": {name: result_to_json(result)
+                                                                      for name, result in results.items()}}
+        atomic_write_text(self.folder / _file_name(channel), json.dumps(document) + "\n")
 
     def clear(self) -> None:
         """Remove every unfinished search's classes for this recipe path (the recipe now holds the result)."""
@@ -113,7 +137,6 @@ class _ChoiceDocument(pydantic.BaseModel):
 class _ClassDocument(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
-    format: int
     channel: int = pydantic.Field(ge=0, lt=NUM_CLASSES)
     recipe_choice: _ChoiceDocument
     postprocess: list[Literal[tuple(POSTPROCESSING)]]  # type: ignore[valid-type]
@@ -124,36 +147,65 @@ class _ClassDocument(pydantic.BaseModel):
     evaluations: int = pydantic.Field(ge=0)
     cv: list[dict[str, float]]
     level: Literal[LEVEL_NAMES]  # type: ignore[valid-type]
+    held_out: dict[str, list[_Finite]]
+    plain_choice: _ChoiceDocument | None
+    plain_dice: _Finite
+    maps: list[Annotated[list[_Finite], pydantic.Field(min_length=2, max_length=2)]]
+
+
+class _FileDocument(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    format: int
+    search: str
+    results: dict[str, _ClassDocument] = pydantic.Field(min_length=1)
+
+
+def _choice_to_json(choice: Choice) -> dict[str, Any]:
+    return {"weights": [float(w) for w in choice.weights], "threshold": int(choice.threshold),
+            "member_thresholds": None if choice.member_thresholds is None else [int(i) for i in choice.member_thresholds],
+            "min_votes": None if choice.min_votes is None else int(choice.min_votes), "score": float(choice.score)}
+
+
+def _choice_from(document: _ChoiceDocument) -> Choice:
+    return Choice(np.asarray(document.weights, dtype=np.float64), document.threshold,
+                  None if document.member_thresholds is None else np.asarray(document.member_thresholds, np.int64),
+                  document.min_votes, document.score)
 
 
 def result_to_json(result: ClassResult) -> dict[str, Any]:
     """A ClassResult as a JSON-ready dict of plain numbers, lists and strings."""
-    choice = result.recipe_choice
     return {
-        "format": FORMAT, "channel": int(result.channel),
-        "recipe_choice": {"weights": [float(w) for w in choice.weights], "threshold": int(choice.threshold),
-                          "member_thresholds": None if choice.member_thresholds is None
-                          else [int(i) for i in choice.member_thresholds],
-                          "min_votes": None if choice.min_votes is None else int(choice.min_votes),
-                          "score": float(choice.score)},
+        "channel": int(result.channel), "recipe_choice": _choice_to_json(result.recipe_choice),
         "postprocess": [str(step) for step in result.postprocess], "oof_dice": float(result.oof_dice),
         "member_dice": [float(d) for d in result.member_dice], "mean_dice": float(result.mean_dice),
         "ambiguous_pixels": int(result.ambiguous_pixels), "evaluations": int(result.evaluations),
         "cv": [{str(k): float(v) for k, v in fold.items()} for fold in result.cv], "level": str(result.level),
+        "held_out": {str(k): [float(v) for v in values] for k, values in result.held_out.items()},
+        "plain_choice": None if result.plain_choice is None else _choice_to_json(result.plain_choice),
+        "plain_dice": float(result.plain_dice), "maps": [[float(v) for v in row] for row in result.maps],
     }
 
 
 def result_from_json(document: Any, path: Path) -> ClassResult:
     """A ClassResult from ``result_to_json``'s dict; a SegensError naming ``path`` if it is not one."""
-    checked = validate(_ClassDocument, document, path)
-    if checked.format != FORMAT:
-        raise SegensError(f"{path}: search resume format {checked.format}, this segens writes {FORMAT}")
-    choice = checked.recipe_choice
+    return _result_of(validate(_ClassDocument, document, path))
+
+
+def results_from_json(document: Any, path: Path) -> dict[str, ClassResult]:
+    """{strategy: ClassResult} from a class file (``FinishedClasses.save``); a SegensError naming ``path`` if it
+    is not one."""
+    if isinstance(document, dict) and document.get("format") != FORMAT:
+        raise SegensError(f"{path}: search resume format {document.get('format')!r}, this segens writes {FORMAT}")
+    checked = validate(_FileDocument, document, path)
+    return {name: _result_of(result) for name, result in checked.results.items()}
+
+
+def _result_of(result: _ClassDocument) -> ClassResult:
     return ClassResult(
-        channel=checked.channel,
-        recipe_choice=Choice(np.asarray(choice.weights, dtype=np.float64), choice.threshold,
-                             None if choice.member_thresholds is None else np.asarray(choice.member_thresholds, np.int64),
-                             choice.min_votes, choice.score),
-        postprocess=list(checked.postprocess), oof_dice=checked.oof_dice, member_dice=list(checked.member_dice),
-        mean_dice=checked.mean_dice, ambiguous_pixels=checked.ambiguous_pixels, evaluations=checked.evaluations,
-        cv=[dict(fold) for fold in checked.cv], level=checked.level)
+        channel=result.channel, recipe_choice=_choice_from(result.recipe_choice), postprocess=list(result.postprocess),
+        oof_dice=result.oof_dice, member_dice=list(result.member_dice), mean_dice=result.mean_dice,
+        ambiguous_pixels=result.ambiguous_pixels, evaluations=result.evaluations,
+        cv=[dict(fold) for fold in result.cv], level=result.level, held_out={k: list(v) for k, v in result.held_out.items()},
+        plain_choice=None if result.plain_choice is None else _choice_from(result.plain_choice),
+        plain_dice=result.plain_dice, maps=[list(row) for row in result.maps])

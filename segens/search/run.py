@@ -20,8 +20,9 @@ from segens.infra.progress import progress_bar
 from segens.search.class_search import ClassResult, search_class
 from segens.search.evidence import ClassEvidence, threshold_grid
 from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
+from segens.search.overall import ORDER, choose_strategy
 from segens.search.report import SearchReport
-from segens.search.resume import FinishedClasses, partial_root, search_key
+from segens.search.resume import FinishedClasses, labels_digest, partial_root, search_key
 from segens.store import ProbabilityStore, open_store
 from segens.store.location import shared_location, store_options
 from segens.voting import get_strategy
@@ -30,10 +31,12 @@ from segens.voting.recipe import Recipe, save_recipe
 METHODS = ("grid", "caruana")
 
 
-def _one_class(source: ClassEvidence | ClassOnDisk, strategy, step, method, folds_of_images, postprocess,
-               fallback) -> ClassResult:
+def _one_class(source: ClassEvidence | ClassOnDisk, strategies, step, method, folds_of_images, postprocess,
+               fallback, patients) -> dict[str, ClassResult]:
+    """One class searched with every strategy asked for, on its evidence loaded once."""
     evidence = source.load() if isinstance(source, ClassOnDisk) else source
-    return search_class(evidence, strategy, threshold_grid(), step, method, folds_of_images, postprocess, fallback)
+    return {name: search_class(evidence, name, threshold_grid(), step, method, folds_of_images, postprocess, fallback,
+                               patients) for name in strategies}
 
 
 def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], settings: dict) -> Recipe:
@@ -44,6 +47,7 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
                                                       for fold, checkpoint in store.checkpoints.items()}}
                for store in stores]
     recipe = Recipe(report.strategy, members, postprocess=[result.postprocess for result in results],
+                    maps={name: [r.maps[m] for r in results] for m, name in enumerate(report.members)},
                     oof_dice={"per_class": {CLASSES[r.channel]: r.oof_dice for r in results},
                               "members": {name: [r.member_dice[m] for r in results] for m, name in enumerate(report.members)},
                               "plain_mean": [r.mean_dice for r in results], "summary": report.summary(),
@@ -78,7 +82,10 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     check_jobs(jobs)
     check_outputs([Output(out, "file", "--out"), Output(partial_root(out), "folder", "--out's resume folder", True),
                    *also_written], inputs=[*store_urls, folds_path, root], overwrite=overwrite)
-    voting = get_strategy(strategy)
+    strategies = list(ORDER) if strategy == "auto" else [strategy]
+    votings = [get_strategy(name) for name in strategies]
+    if strategy == "auto" and not cv:
+        raise SegensError("--strategy auto picks the strategy by held-out scores: it needs --cv (and --folds)")
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not 0 < step <= 0.5:  # NaN fails too
@@ -88,7 +95,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     if any(store.split != "oof" for store in stores):
         raise SegensError(f"{next(s.url for s in stores if s.split != 'oof')}: search-weights needs OOF stores "
                           "(`ens predict-member --split oof`): weights fitted on test predictions cannot be checked")
-    voting.check_search(step, len(stores))
+    for voting in votings:
+        voting.check_search(step, len(stores))
     keys, _, _ = check_stores(stores, allow_missing=False)
     records_by_key = discover(Path(root).resolve() if backend == "dask" else root, "train").by_key()
     missing = [key for key in keys if key not in records_by_key]
@@ -105,56 +113,69 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
                 "fallback": bool(cv and fallback),
                 "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None}
-    key = search_key(stores, keys, folds_of_images,
-                     {**settings, "strategy": strategy, "root": str(Path(root).resolve())})
-    finished = FinishedClasses(out, key, members=len(stores))
-    results = list(finished.load().values())
-    done = {result.channel for result in results}
+    key = search_key(stores, keys, folds_of_images, {**settings, "strategy": strategy},
+                     labels_digest([record.label_path for record in records]))
+    finished = FinishedClasses(out, key, members=len(stores), strategies=strategies)
+    by_class = finished.load()
+    done = set(by_class)
     evidence_folder = finished.folder / "evidence"
+    patients = [key.split("/", 1)[0] for key in keys]
     with parallel_backend(backend, scheduler), progress_bar("img", disable=not progress) as bar:
         if len(done) < NUM_CLASSES:
-            _extract_evidence(stores, records, evidence_folder, backend, jobs, bar)
+            _extract_evidence(stores, records, evidence_folder, backend, jobs, bar, key)
         # local workers load their class themselves; Dask workers (other machines) are sent it
         sources = (ClassOnDisk(evidence_folder, channel, len(records), len(stores)) for channel in range(NUM_CLASSES)
                    if channel not in done)
-        tasks = (delayed(_one_class)(source if backend == "local" else source.load(), strategy, step, method,
-                                     folds_of_images, postprocess, fallback) for source in sources)
+        tasks = (delayed(_one_class)(source if backend == "local" else source.load(), strategies, step, method,
+                                     folds_of_images, postprocess, fallback, patients) for source in sources)
         resumed = f", {len(done)} resumed" if done else ""
         task = bar.add_task(f"search ({strategy}, {len(keys)} images{resumed})", total=NUM_CLASSES, completed=len(done))
-        for result in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
-            finished.save(result)
-            results.append(result)
+        for results in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
+            finished.save(results)
+            by_class[next(iter(results.values())).channel] = results
             bar.update(task, advance=1)
-    report = SearchReport(strategy, [store.member for store in stores], sorted(results, key=lambda r: r.channel),
-                          fallback=settings["fallback"])
-    settings |= {"seconds": round(time.perf_counter() - started, 3),
-                 "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in results))}
+    members = [store.member for store in stores]
+    reports = {name: SearchReport(name, members, [by_class[channel][name] for channel in range(NUM_CLASSES)],
+                                  fallback=settings["fallback"], patients=patients) for name in strategies}
+    for candidate in reports.values():
+        candidate.apply_gate()
+    chosen, why = choose_strategy({name: r.classes for name, r in reports.items()}, patients) if strategy == "auto" \
+        else (strategy, "")
+    report = reports[chosen]
+    report.alternatives = {name: r for name, r in reports.items() if name != chosen}
+    report.choice_reason = why
+    report.notes += [f"ignored {path.name}: it belongs to another search (other stores, labels, folds or settings)"
+                     for path in finished.ignored]
+    settings |= {"strategy": strategy, "seconds": round(time.perf_counter() - started, 3),
+                 "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in report.classes))}
     save_recipe(build_recipe(report, stores, settings), out)
     finished.clear()
     report.recipe_path = str(out)
     return report
 
 
-def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, bar) -> None:
-    """Every class's evidence of every image into ``folder`` (batches already there and valid are kept)."""
+def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, bar, search: str) -> None:
+    """Every class's evidence of every image into ``folder`` (batches already there, valid and of this search are
+    kept)."""
     folder.mkdir(parents=True, exist_ok=True)
     thresholds = threshold_grid()
-    todo = [batch for batch in batches(len(records)) if not valid_batch(folder, batch, len(stores))]
+    todo = [batch for batch in batches(len(records)) if not valid_batch(folder, batch, len(stores), search)]
     task = bar.add_task("evidence (every store and label read once)", total=len(records),
                         completed=len(records) - sum(len(batch) for batch in todo))
     here = folder if backend == "local" else None  # local workers write their batch; Dask workers return it
-    jobs_of_batches = (delayed(_extracted)(batch, stores, [records[i] for i in batch], thresholds, here)
+    jobs_of_batches = (delayed(_extracted)(batch, stores, [records[i] for i in batch], thresholds, here, search)
                        for batch in todo)
     for batch, arrays in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(jobs_of_batches):
         if arrays is not None:
-            save_batch(folder, batch, arrays)
+            save_batch(folder, batch, arrays, search)
         bar.update(task, advance=len(batch))
 
 
-def _extracted(batch: range, stores, records, thresholds, folder: Path | None) -> tuple[range, dict | None]:
+def _extracted(batch: range, stores, records, thresholds, folder: Path | None,
+               search: str) -> tuple[range, dict | None]:
     """Extract one batch; saved into ``folder`` by the worker when given, else returned."""
     arrays = extract_batch(stores, records, thresholds)
     if folder is None:
         return batch, arrays
-    save_batch(folder, batch, arrays)
+    save_batch(folder, batch, arrays, search)
     return batch, None

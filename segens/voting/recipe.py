@@ -2,15 +2,17 @@
 the only reader and writer of the format.
 
 ```json
-{"version": 1, "strategy": "weighted",                      // soft | weighted | hard
+{"version": 2, "strategy": "weighted",                      // soft | weighted | hard (what auto chose, too)
  "members": [{"name": "vgg", "checkpoints": {"0": "<sha256>", ...}}, ...],
  "weights": [[w_vgg, w_hrnet, w_yolo], ...],                // per class (29 rows), one weight per member
  "thresholds": [0.5, ...],                                   // per class: keep p > threshold (soft, weighted)
  "member_thresholds": [[0.5, 0.5, 0.5], ...],                // hard: per class, per member binarisation
  "min_votes": [2.0, ...],                                    // hard: per class, keep votes >= min_votes
  "postprocess": [["largest_component", "fill_holes"], ...],  // per class
+ "maps": {"vgg": [[area, soft], ...], ...},                  // what the OOF maps looked like (ensemble/shift.py)
  "oof_dice": {...}, "search": {...}}                         // what the search measured, and its settings
 ```
+Version 1 recipes (no ``maps``) are still read.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from segens.voting.morphology import STEPS
 POSTPROCESSING = tuple(STEPS)
 """The post-processing steps a recipe may name, in the order they are tried (segens.voting.morphology)."""
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_RECIPE_BYTES = 16 << 20
 """A recipe is a few KB; anything far larger is not one."""
 
@@ -53,6 +56,7 @@ class Recipe:
     member_thresholds: list[list[float]] | None = None  # (29, members), hard only
     min_votes: list[float] | None = None  # (29,), hard only
     postprocess: list[list[str]] = field(default_factory=lambda: [[] for _ in CLASSES])
+    maps: dict[str, list[list[float]]] | None = None  # member -> per class [area, soft] of its OOF maps
     oof_dice: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
 
@@ -63,8 +67,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"version": RECIPE_VERSION, "strategy": self.strategy, "members": self.members,
                 "weights": self.weights, "thresholds": self.thresholds, "member_thresholds": self.member_thresholds,
-                "min_votes": self.min_votes, "postprocess": self.postprocess, "oof_dice": self.oof_dice,
-                "search": self.search}
+                "min_votes": self.min_votes, "postprocess": self.postprocess, "maps": self.maps,
+                "oof_dice": self.oof_dice, "search": self.search}
 
 
 class _Strict(BaseModel):
@@ -81,7 +85,7 @@ class RecipeMember(_Strict):
 class RecipeDocument(_Strict):
     """The schema of recipe.json (strict types, finite numbers, no unknown fields); shapes checked after."""
 
-    version: Literal[1]
+    version: Literal[READABLE_VERSIONS]  # type: ignore[valid-type]
     strategy: str
     members: list[RecipeMember] = Field(min_length=1)
     weights: list[list[Weight]] | None = None
@@ -89,6 +93,8 @@ class RecipeDocument(_Strict):
     member_thresholds: list[list[Threshold]] | None = None
     min_votes: list[Votes] | None = None
     postprocess: list[list[Literal[POSTPROCESSING]]] | None = None  # type: ignore[valid-type]
+    maps: dict[str, list[Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]],
+                                   Field(min_length=2, max_length=2)]]] | None = None
     oof_dice: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Any] = Field(default_factory=dict)
 
@@ -138,10 +144,11 @@ def check_class_weights(raw: np.ndarray, hard: bool, where: str) -> None:
 def recipe_from_dict(document: Any, where: str) -> Recipe:
     """Validate a recipe document against the schema; anything unknown, mistyped, non-finite, out of range or of
     the wrong shape is a SegensError naming ``where`` and the field."""
-    if not isinstance(document, dict) or document.get("version") != RECIPE_VERSION:
+    if not isinstance(document, dict) or document.get("version") not in READABLE_VERSIONS:
         version = document.get("version") if isinstance(document, dict) else None
-        raise SegensError(f"{where}: not a segens recipe of version {RECIPE_VERSION} (version {version!r}); "
-                          "write it with `ens search-weights`")
+        raise SegensError(f"{where}: not a segens recipe of a version this segens reads "
+                          f"({', '.join(map(str, READABLE_VERSIONS))}; version {version!r}); write it with "
+                          "`ens search-weights`")
     parsed = validate(RecipeDocument, document, where)
     names = [member.name for member in parsed.members]
     if len(set(names)) != len(names):
@@ -152,13 +159,18 @@ def recipe_from_dict(document: Any, where: str) -> Recipe:
     _check_rows(parsed.member_thresholds, count, "member_thresholds", where)
     _check_rows(parsed.min_votes, None, "min_votes", where)
     _check_rows(parsed.postprocess, None, "postprocess", where)
+    for member, rows in (parsed.maps or {}).items():
+        if member not in names:
+            raise SegensError(f"{where}: 'maps' names {member!r}, which is not one of the recipe's members")
+        _check_rows(rows, 2, f"maps.{member}", where)
     if parsed.weights is not None:
-        check_class_weights(np.array(parsed.weights), parsed.strategy == "hard", where)
+        check_class_weights(np.array(parsed.weights), registry.get_strategy(parsed.strategy).vote_weights, where)
     return Recipe(
         strategy=parsed.strategy, members=[member.model_dump() for member in parsed.members],
         weights=parsed.weights, thresholds=parsed.thresholds, member_thresholds=parsed.member_thresholds,
         min_votes=parsed.min_votes,
         postprocess=[list(steps) for steps in parsed.postprocess or [[] for _ in CLASSES]],
+        maps=None if parsed.maps is None else {member: [list(row) for row in rows] for member, rows in parsed.maps.items()},
         oof_dice=dict(parsed.oof_dice), search=dict(parsed.search),
     )
 
