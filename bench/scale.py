@@ -97,8 +97,8 @@ def measure(data: Fixture, members: int, jobs: int, strategies: list[str], folde
                                         "strategy": document["strategy"]}
         log(f"    search {strategy}: {timing['seconds']:.0f} s, {timing['peak_rss_mb']:.0f} MiB; "
             f"{document['oof_dice']['verdict']}")
-    plans = [("plain mean", ["--strategy", "soft"])] + [(strategy, ["--strategy", strategy,
-                                                                    "--recipe", str(folder / f"recipe-{strategy}.json")])
+    # the recipe names its strategy (auto has chosen one), so combine takes it from there
+    plans = [("plain mean", ["--strategy", "soft"])] + [(strategy, ["--recipe", str(folder / f"recipe-{strategy}.json")])
                                                         for strategy in strategies]
     per_fold = [str(path) for fold in data.test_folds for path in fold[:members]]
     for name, options in plans:

@@ -13,6 +13,12 @@ from segens.conventions.classes import CLASSES
 from segens.conventions.labels import write_label_json
 
 
+def flat(text: str) -> str:
+    """Terminal output with every run of whitespace made one space: phrases match at any terminal width (rich
+    wraps long lines where the width ends)."""
+    return " ".join(text.split())
+
+
 def square_polygons(height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One small axis-aligned square per class, placed at random inside the image; some overlap."""
     rng = np.random.default_rng(seed)

@@ -166,7 +166,8 @@ def _write_spec(path: Path, document: dict) -> Path:
 
 
 def _predict(spec: Path, root: Path, out: Path) -> dict[str, np.ndarray]:
-    predict_member(spec, "test", root, out, trust_pickle=True, batch_size=1, progress=False, overwrite=True)
+    predict_member(spec, "test", root, out, trust_pickle=True, trust_code=True, batch_size=1, progress=False,
+                   overwrite=True)
     store = open_store(out)
     return {key: store.read(key) for key in store.keys()}
 
@@ -256,7 +257,7 @@ def test_torchvision_style_state_dict_through_a_factory(torchvision_baseline: Pa
     expected = _script_maps(torchvision_baseline, colour_root, REVERSED)
     spec = _write_spec(torchvision_baseline / "member.yaml", _torch_spec(torchvision_baseline))
     result = CliRunner().invoke(app, ["predict-member", str(spec), "--split", "test", "--data", str(colour_root),
-                                      "--out", str(torchvision_baseline / "ok.zarr"), "--batch-size", "1"])
+                                      "--out", str(torchvision_baseline / "ok.zarr"), "--batch-size", "1", "--trust-code"])
     assert result.exit_code == 0, result.output
     store = open_store(torchvision_baseline / "ok.zarr")
     for key, wanted in expected.items():

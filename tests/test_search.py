@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import flat
 from scipy import ndimage
 from typer.testing import CliRunner
 
@@ -303,7 +304,7 @@ def test_cli_writes_recipe_report_and_plot(project: Path, tmp_path: Path) -> Non
                                       str(tmp_path / "recipe.json"), "--report-csv", str(tmp_path / "report.csv"),
                                       "--plot", str(tmp_path / "report.png")])
     assert result.exit_code == 0, result.output
-    assert "mean over classes" in result.output and "held-out images" in result.output
+    assert "mean over classes" in flat(result.output) and "held-out images" in flat(result.output)
     recipe = json.loads((tmp_path / "recipe.json").read_text())
     report = pd.read_csv(tmp_path / "report.csv")
     assert list(report["class"]) == list(CLASSES)

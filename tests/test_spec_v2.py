@@ -13,6 +13,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import yaml
+from conftest import flat
 from typer.testing import CliRunner
 
 from segens.cli import app
@@ -236,18 +237,18 @@ def test_inspect_prints_what_a_spec_needs_and_writes_nothing(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     for expected in ("segens smp checkpoint (version 2)", "architecture: Unet", "encoder: resnet18",
                      "output: tensor (1, 29, 64, 64)", "normalize: imagenet", "same order as the competition"):
-        assert expected in result.output
+        assert expected in flat(result.output)
     whole = smp.Unet("resnet18", encoder_weights=None, classes=29, decoder_channels=(16, 16, 8, 8, 8))
     whole.classes = [CLASSES[1], CLASSES[0], *CLASSES[2:]]
     torch.save(whole, tmp_path / "whole.pt")
     refused = CliRunner().invoke(app, ["inspect", str(tmp_path / "whole.pt")])
-    assert refused.exit_code == 0 and "--trust-pickle" in refused.output
+    assert refused.exit_code == 0 and "--trust-pickle" in flat(refused.output)
     trusted = CliRunner().invoke(app, ["inspect", str(tmp_path / "whole.pt"), "--trust-pickle"])
-    assert "2 of 29 channels reordered by name" in trusted.output
+    assert "2 of 29 channels reordered by name" in flat(trusted.output)
     assert "model channel  1 ->  0 finger-1" in trusted.output
     spec = _write(tmp_path / "m.yaml", {**BASE, "model": SMALL_UNET, "input": contract.to_dict()})
     with_spec = CliRunner().invoke(app, ["inspect", str(tmp_path / "best.pt"), "--spec", str(spec)])
-    assert with_spec.exit_code == 0 and "logits (1, 29, 64, 64)" in with_spec.output
+    assert with_spec.exit_code == 0 and "logits (1, 29, 64, 64)" in flat(with_spec.output)
     assert sorted(tmp_path.iterdir()) == sorted([*before, tmp_path / "whole.pt", tmp_path / "m.yaml"])
 
 

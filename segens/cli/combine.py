@@ -54,9 +54,11 @@ def combine(
                   masks_out=masks_out, jobs=jobs, backend=backend, scheduler=scheduler,
                   storage_options=parse_storage_options(storage_options), overwrite=overwrite)
     for member, count in summary.missing.items():
-        console.print(f"[yellow]warning:[/] member {member} was missing for {count} image(s) and was dropped there")
+        console.print(f"[yellow]warning:[/] member {escape(member)} was missing for {count} image(s) and was dropped "
+                      "there")
     for member, classes in summary.shifted.items():
         console.print(f"[yellow]warning:[/] {escape(member)}'s maps here are not like the OOF maps the recipe was "
                       f"fitted on, in {len(classes)} class(es): {escape('; '.join(classes))}. Thresholds fitted on "
                       "sharper (or softer) maps may not transfer; see the README (OOF and test maps)", soft_wrap=True)
-    output.print(f"{summary.out}: {summary.rows} rows for {summary.images} images, {summary.seconds:.1f} s")
+    output.print(f"{summary.out}: {summary.rows} rows for {summary.images} images, {summary.seconds:.1f} s",
+                 markup=False, highlight=False)

@@ -38,7 +38,7 @@ def demo(
     for warning in result.warnings:
         console.print(f"warning: {warning}", markup=False, highlight=False)
     for name, path in result.files.items():
-        output.print(f"{name}: {path}")
+        output.print(f"{name}: {path}", markup=False, highlight=False)
 
 
 class _Printed:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from segens.cli._app import app, console, output
@@ -48,16 +49,16 @@ def evaluate(
         return
     output.print(dice_table(evaluations, data))
     if plot is not None:
-        output.print(f"plot: {plot}")
+        output.print(f"plot: {plot}", markup=False, highlight=False)
 
 
 def dice_table(evaluations: list[Evaluation], data: Path) -> Table:
     """A rich table: one row per class and a mean row, one column per PRED."""
-    shown = Table(title=f"Dice per class on {data}", caption="mean over images, then over classes")
+    shown = Table(title=f"Dice per class on {escape(str(data))}", caption="mean over images, then over classes")
     shown.add_column("class")
     for evaluation in evaluations:
         images = len(evaluation.table.scores)
-        shown.add_column(f"{evaluation.label}\n{evaluation.split}, {images} images", justify="right")
+        shown.add_column(escape(f"{evaluation.label}\n{evaluation.split}, {images} images"), justify="right")
     per_class = [evaluation.table.per_class() for evaluation in evaluations]
     for index, name in enumerate(evaluations[0].table.classes):
         shown.add_row(name, *(f"{scores[index]:.4f}" for scores in per_class))

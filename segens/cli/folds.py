@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from segens.cli._app import app, output
@@ -54,10 +55,10 @@ def make(
     check_outputs([Output(out)], inputs=[root, metadata], overwrite=overwrite)
     folds, notes = make_folds(root, k=k, stratify=stratify, seed=seed, metadata=metadata)
     save_folds(folds, out)
-    output.print(f"wrote {out}: {_describe(folds)}", soft_wrap=True)
+    output.print(f"wrote {out}: {_describe(folds)}", soft_wrap=True, markup=False, highlight=False)
     output.print(fold_table(folds))
     for note in notes:
-        output.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        output.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @folds_app.command()
@@ -74,10 +75,10 @@ def show(
     from segens.folds.file import load_folds
 
     folds = load_folds(folds_file, root=data)
-    output.print(f"{folds_file}: {_describe(folds)}", soft_wrap=True)
+    output.print(f"{folds_file}: {_describe(folds)}", soft_wrap=True, markup=False, highlight=False)
     output.print(fold_table(folds))
     if data is not None:
-        output.print(f"[green]matches the training images of {data}[/]")
+        output.print(f"[green]matches the training images of {escape(str(data))}[/]")
 
 
 def _describe(folds: Folds) -> str:

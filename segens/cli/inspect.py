@@ -16,16 +16,18 @@ def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (.pt/.pth, TorchScript) or an smp save_pretrained folder.")],
     spec: Annotated[Path | None, typer.Option(help="Member spec: load the checkpoint exactly as `ens predict-member` would.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
+    trust_code: Annotated[bool, typer.Option(help="Allow importing the model factory a spec names (runs that code).")] = False,
 ) -> None:
     """Load a checkpoint and print what it holds: format, architecture and encoder if known, class names and their
     mapping to the competition's classes, the recorded input contract, parameter count and the output on a dummy
-    input; then what a member spec for it must say. Nothing is written.
+    input; then what a member spec for it must say. Nothing is written, and code a spec names (a model factory) is
+only imported with --trust-code.
 
     Example: `ens inspect runs/fold0/model.pt --trust-pickle`   or   `ens inspect fold0.pth --spec members/mine.yaml`
     """
     from segens.members.inspect_checkpoint import inspect_checkpoint
 
-    report = inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+    report = inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle, trust_code=trust_code)
     rows = [("checkpoint", str(report.path)), ("format", report.format), ("kind", report.kind),
             ("architecture", report.architecture), ("encoder", report.encoder),
             ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),

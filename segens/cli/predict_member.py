@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from segens.cli._app import app, output
 from segens.cli.options import Backend, Scheduler, StorageOptions
@@ -24,6 +25,7 @@ def predict_member(
                                                  "so resuming writes the same bytes); each forward pass takes at most "
                                                  "the spec's train.predict_batch_size (default 4) of them.")] = 4,
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
+    trust_code: Annotated[bool, typer.Option(help="Allow importing the model factory a spec names (runs that code).")] = False,
     per_fold: Annotated[bool, typer.Option(help="--split test: one store per fold model (m.test.fold0.zarr, ...) instead of their mean; `ens combine` applies a recipe to each fold's maps and merges the results.")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="Local processes predicting side by side (each holds its own model copy).")] = 1,
     backend: Backend = "local",
@@ -48,8 +50,8 @@ def predict_member(
     from segens.members.predict import predict_member as run
 
     summary = run(spec, split, data, out, folds_path=folds, overwrite=overwrite, device=device,
-                  trust_pickle=trust_pickle, batch_size=batch_size, jobs=jobs, backend=backend, scheduler=scheduler,
+                  trust_pickle=trust_pickle, trust_code=trust_code, batch_size=batch_size, jobs=jobs, backend=backend, scheduler=scheduler,
                   storage_options=parse_storage_options(storage_options), per_fold=per_fold)
     rate = summary.written / summary.seconds if summary.seconds and summary.written else 0.0
-    output.print(f"{summary.store}: {summary.written} image(s) written, {summary.skipped} already complete, "
+    output.print(f"{escape(summary.store)}: {summary.written} image(s) written, {summary.skipped} already complete, "
                  f"{summary.seconds:.1f} s ({rate:.2f} img/s)")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from segens.cli._app import app, output
 from segens.cli.options import Backend, Scheduler, StorageOptions
@@ -57,18 +58,18 @@ def search_weights(
                  storage_options=parse_storage_options(storage_options), overwrite=overwrite,
                  also_written=[Output(report_csv, option="--report-csv"), Output(plot, option="--plot")])
     rows = report_rows(report)
-    table = Table(title=f"OOF Dice per class ({strategy}); recipe written to {out}")
+    table = Table(title=escape(f"OOF Dice per class ({strategy}); recipe written to {out}"))
     for column in rows[0]:
         table.add_column(column, justify="left" if column in ("class", "weights", "thresholds", "postprocess") else "right")
     for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
+        table.add_row(*(escape(str(value)) for value in row.values()))
     output.print(table)
     summary = report.summary()
     output.print("mean over classes: " + ", ".join(f"{name} {value:.4f}" for name, value in summary.items()))
-    output.print(f"[bold]{report.verdict()}[/]")
+    output.print(f"[bold]{escape(report.verdict())}[/]")
     if report_csv is not None:
-        output.print(f"report: {write_report_csv(rows, report_csv)}")
+        output.print(f"report: {write_report_csv(rows, report_csv)}", markup=False, highlight=False)
     if plot is not None:
         from segens.ensemble.plots import plot_search_report
 
-        output.print(f"plot: {plot_search_report(report, plot)}")
+        output.print(f"plot: {plot_search_report(report, plot)}", markup=False, highlight=False)

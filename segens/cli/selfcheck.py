@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from segens.cli._app import app, output
@@ -27,7 +28,7 @@ def selfcheck(
     from segens.demo.selfcheck import run_selfcheck
 
     result = run_selfcheck(out, size=size, overwrite=overwrite)
-    table = Table(title=f"self-check on {result.images} test images of {result.root}")
+    table = Table(title=escape(f"self-check on {result.images} test images of {result.root}"))
     table.add_column("check")
     table.add_column("result", justify="right")
     table.add_row("Dice of the labels as a submission", f"{result.dice_exact:.6f}")

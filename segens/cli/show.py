@@ -34,4 +34,4 @@ def show(
     check_outputs([Output(out)], inputs=[*(pred or []), data], overwrite=overwrite)
     names = classes.split(",") if classes else None
     written = draw_overlay(image, data, pred or [], out, classes=names, error=error, threshold=threshold)
-    output.print(f"wrote {written}")
+    output.print(f"wrote {written}", markup=False, highlight=False)

@@ -32,6 +32,6 @@ def synth(
 
     summary = generate(root, n_train_patients=train_patients, n_test_patients=test_patients, size=size,
                        seed=seed, progress=True, overwrite=overwrite)
-    output.print(f"wrote {summary}")
+    output.print(f"wrote {summary}", markup=False, highlight=False)
     if preview is not None:
-        output.print(f"preview: {make_preview(root, preview)}")
+        output.print(f"preview: {make_preview(root, preview)}", markup=False, highlight=False)

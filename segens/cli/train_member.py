@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from segens.cli._app import app, output
@@ -21,24 +22,26 @@ def train_member(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "cpu",
     checkpoints: Annotated[Path | None, typer.Option(help="Folder for checkpoints (default: a folder named after the member, beside the spec).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow resuming from pickled state (YOLO's last.pt, an older segens' last.pt): runs code from the file.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace spec entries that name checkpoints train-member did not write.")] = False,
 ) -> None:
     """Train a member's checkpoint for each requested fold on the other folds, validating on the held-out one.
 
     The best checkpoint by validation Dice (computed as the competition does, at each label's own size) is kept
     with a history.json; an interrupted fold resumes from its last epoch. The spec's `checkpoints` are updated
-    after each fold, so `ens predict-member` needs no editing by hand.
+    after each fold (only each fold's entry: comments and order stay), so `ens predict-member` needs no editing by
+hand; an entry naming a checkpoint you put there is replaced only with --overwrite.
 
     Example: `ens train-member members/unetpp-vgg19.yaml --data data/ --folds folds.json --fold all`
     """
     from segens.members.train import train_member as run
 
     summaries = run(spec, data, folds, fold=fold, device=device, jobs=jobs, checkpoints_dir=checkpoints,
-                    trust_pickle=trust_pickle)
-    table = Table(title=f"{spec}: trained folds")
+                    trust_pickle=trust_pickle, overwrite=overwrite)
+    table = Table(title=escape(f"{spec}: trained folds"))
     for column in ("fold", "train images", "val images", "epochs", "best val Dice", "checkpoint"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
     for summary in summaries:
         dice = "-" if summary.val_dice is None else f"{summary.val_dice:.4f}"
         table.add_row(str(summary.fold), str(summary.train_images), str(summary.val_images), str(summary.epochs),
-                      dice, str(summary.checkpoint))
+                      dice, escape(str(summary.checkpoint)))
     output.print(table)

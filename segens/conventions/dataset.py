@@ -18,6 +18,7 @@ import numpy as np
 
 from segens.conventions.labels import read_label_mask
 from segens.errors import SegensError
+from segens.infra.safeload import require_regular
 
 IMAGE_DIR = "DCM"
 LABEL_DIR = "outputs_json"
@@ -140,7 +141,7 @@ def read_image(path: str | Path, color: str = "gray") -> np.ndarray:
     8-bit. The header is checked first (``image_size``): a side over MAX_IMAGE_SIDE is refused before decoding."""
     path = Path(path)
     image_size(path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image = cv2.imread(str(require_regular(path, "image")), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise SegensError(f"{path}: not a readable image; replace or remove it")
     if image.dtype == np.uint16:
@@ -161,7 +162,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     open); a SegensError naming the file if it is unreadable or a side is 0 or over MAX_IMAGE_SIDE."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        with open(require_regular(path, "image"), "rb") as handle:
             header = handle.read(24)
     except FileNotFoundError:
         raise SegensError(f"{path}: file not found; replace or remove it") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from segens.conventions.classes import CLASS_TO_INDEX, CLASSES
 from segens.errors import SegensError
 from segens.infra.atomic import atomic_write
+from segens.infra.safeload import require_regular
 
 HEADER = ("image_name", "class", "rle")
 MAX_FIELD_CHARS = 1 << 28
@@ -67,7 +68,7 @@ def read_submission(path: str | Path) -> Submission:
     default limit)."""
     path = Path(path)
     try:
-        handle = open(path, newline="", encoding="utf-8-sig")
+        handle = open(require_regular(path, "submission"), newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise SegensError(f"{path}: cannot open submission ({exc.strerror or exc})") from None
     if csv.field_size_limit() < MAX_FIELD_CHARS:

@@ -21,6 +21,7 @@ from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
 from segens.folds.file import save_folds
 from segens.folds.splits import make_folds
+from segens.infra.outputs import Output, check_outputs
 from segens.members.predict import fold_store_path, predict_member
 from segens.members.spec import save_spec
 from segens.members.train import train_member
@@ -89,6 +90,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
     progress = progress or _Silent()
     config = config_for(quick, device)
     out = Path(out)
+    check_outputs([Output(out, "folder", "--out", resumable=True)])  # e.g. not inside a data root
     out.mkdir(parents=True, exist_ok=True)
     root, stores, folds_path = out / "data", out / "stores", out / "folds.json"
     result = DemoResult(out, config.name)

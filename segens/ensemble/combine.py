@@ -100,6 +100,13 @@ def check_present_weights(settings: Settings, present: np.ndarray, keys: Sequenc
             raise SegensError(f"image {keys[index]!r}: the members present ({here}) all have weight 0 for class "
                               f"{CLASSES[channel]}, so it could only be empty; give them weight, or predict the "
                               "missing members for this image")
+        if settings.min_votes is not None and (settings.min_votes > totals).any():
+            channel = int(np.argmax(settings.min_votes > totals))
+            here = ", ".join(name for name, there in zip(members, pattern) if there)
+            whose = "the members present" if not pattern.all() else "all the members"
+            raise SegensError(f"image {keys[index]!r}: {whose} ({here}) have {totals[channel]:g} votes in all for class "
+                              f"{CLASSES[channel]}, fewer than the {settings.min_votes[channel]:g} it needs: it could "
+                              "only be empty; ask for fewer votes (--min-votes), or give the members more weight")
 
 
 def class_values(stores: Sequence[ProbabilityStore], key: str, channel: int, present: np.ndarray,

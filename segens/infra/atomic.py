@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from segens.errors import SegensError
+
 # Older temporaries have no "<host>-": they are taken as this machine's.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>[0-9]+)\.[0-9a-f]{8}\.part")
 
@@ -29,9 +31,21 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
+MAX_STEM = 200
+"""File names longer than this are shortened inside temporary names (a file system allows 255 bytes per name)."""
+
+
+def _stem(name: str) -> str:
+    """The target's name as a temporary name embeds it: itself, or when long a prefix and 8 hex digits of it."""
+    if len(name.encode("utf-8", "surrogateescape")) <= MAX_STEM:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return name.encode("utf-8", "surrogateescape")[:MAX_STEM - 9].decode("utf-8", "ignore") + "~" + digest
+
+
 def temporary_name(path: Path) -> Path:
     """A fresh temporary path beside ``path`` that embeds this machine's tag and this process's PID."""
-    return path.with_name(f".{path.name}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.part")
+    return path.with_name(f".{_stem(path.name)}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.part")
 
 
 def _alive(pid: int) -> bool:
@@ -54,14 +68,15 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     file of another pattern) is left alone."""
     path = Path(path)
     removed = []
+    stem = _stem(path.name)
     try:
-        candidates = list(path.parent.glob(f".{glob_escape(path.name)}.*.part"))
+        candidates = list(path.parent.glob(f".{glob_escape(stem)}.*.part"))
     except OSError:
         return removed
     here = host_tag()
     for candidate in candidates:
         match = _TEMPORARY.fullmatch(candidate.name)
-        if match is None or match["name"] != path.name or match["host"] not in (None, here) \
+        if match is None or match["name"] != stem or match["host"] not in (None, here) \
                 or _alive(int(match["pid"])):
             continue
         try:
@@ -95,7 +110,11 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     remove_stale_temporaries(path)
     kept_mode = _file_mode(path)
     temporary = temporary_name(path)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise SegensError(f"{path}: cannot write beside it ({exc.strerror or exc}); check the folder's permissions "
+                          "and free space, or write to another path") from None
     try:
         try:
             if kept_mode is not None:
@@ -109,9 +128,18 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        try:
+            os.replace(temporary, path)
+        except OSError as exc:
+            raise SegensError(f"{path}: cannot replace it ({exc.strerror or exc}: an immutable file, or a folder that "
+                              "only allows appending?); nothing was written there") from None
+    except BaseException as exc:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            if isinstance(exc, SegensError):  # say where the complete copy lies, rather than hide it
+                raise SegensError(f"{exc} (its complete temporary copy {temporary.name} could not be removed "
+                                  "either)") from None
         raise
 
 

@@ -5,7 +5,9 @@ Every command that writes lists its outputs (a file, a probability store or a fo
 (replacing it would delete the input); when it is a directory where a file belongs, or a file where a store or
 folder belongs; when an existing file, store or folder would be replaced without ``overwrite`` (a resumable
 output, such as predict-member's store, is instead resumed by its writer, which checks its identity); and when
-its parent folder cannot be created. URLs (``s3://...``) are only compared with one another.
+its parent folder cannot be created. Nothing is written inside a data root (a folder with ``train/DCM`` or
+``test/DCM``): a file there could become an image or a label that the next command reads. URLs (``s3://...``) are
+only compared with one another.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def check_outputs(outputs: Sequence[Output], inputs: Sequence[str | Path | None]
                 raise SegensError(f"{output.path}: {output.option} is one of the inputs; write to another path")
             continue
         _check_against_inputs(output, local, input_paths)
+        _check_outside_data_roots(output, local)
         _check_existing(output, local, overwrite)
         _check_parent(output, local)
 
@@ -90,6 +93,21 @@ def _check_against_inputs(output: Output, local: Path, inputs: list[tuple[str, P
         if replaceable and _inside(source, target):
             raise SegensError(f"{output.path}: {output.option} holds the input {text}; replacing it would delete "
                               "that input: write to another path")
+
+
+def data_root_above(path: Path) -> Path | None:
+    """The nearest folder above ``path`` (not ``path`` itself) laid out as a data root, or None."""
+    for folder in _resolved(path).parents:
+        if (folder / "train" / "DCM").is_dir() or (folder / "test" / "DCM").is_dir():
+            return folder
+    return None
+
+
+def _check_outside_data_roots(output: Output, local: Path) -> None:
+    root = data_root_above(local)
+    if root is not None:
+        raise SegensError(f"{output.path}: {output.option} lies inside the data root {root}; segens never writes "
+                          "there (the next command could read it as data): write to another folder")
 
 
 def _check_existing(output: Output, local: Path, overwrite: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,9 +30,22 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 
+def require_regular(path: str | Path, what: str) -> Path:
+    """``path`` if it is not there or is a regular file (or a folder); a SegensError for a FIFO, socket or device,
+    which reading would block on or never finish: checked before anything opens it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # missing or unreadable: the caller's own open says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise SegensError(f"{path}: {what} is not a regular file (a FIFO, socket or device); give a file")
+    return path
+
+
 def read_text(path: str | Path, what: str, max_bytes: int = MAX_BYTES) -> str:
     """A UTF-8 text file (BOM stripped) of at most ``max_bytes``; a SegensError naming ``what`` otherwise."""
-    path = Path(path)
+    path = require_regular(path, what)
     try:
         size = path.stat().st_size
         if size > max_bytes:
@@ -85,6 +99,11 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# YAML 1.2 reads 2e-1 as a number; PyYAML (YAML 1.1) needs a dot (2.0e-1) and would give the string "2e-1"
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
 
 
 class _TooDeep(Exception):
@@ -156,6 +175,7 @@ def torch_load_data(path: str | Path, what: str) -> Any | None:
     --trust-pickle). A SegensError naming ``what`` for a file torch cannot read at all."""
     import torch
 
+    require_regular(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
@@ -168,6 +188,7 @@ def torch_load_pickle(path: str | Path, what: str) -> Any:
     """A torch file fully unpickled (runs code stored in it: call only with --trust-pickle); failures named."""
     import torch
 
+    require_regular(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way

@@ -56,6 +56,7 @@ class CheckpointReport:
     input_shape: tuple[int, ...] | None = None
     output: str | None = None
     needs_trust_pickle: bool = False
+    needs_trust_code: bool = False  # the spec names a model factory, not imported without --trust-code
     notes: list[str] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
 
@@ -93,15 +94,24 @@ class Member(ABC):
     """A member kind's adapter (see the module docstring)."""
 
     kind: ClassVar[str] = ""
+    spec_fields: ClassVar[frozenset[str]] = frozenset({"input", "input_size", "classes", "tta"})
+    """The spec's general fields this kind reads (a spec that sets one it does not is an error)."""
     model_fields: ClassVar[tuple[str, ...]] = ()
     train_fields: ClassVar[tuple[str, ...] | None] = None
     cannot_train: ClassVar[str] = "its models are trained elsewhere"
     """Why ``ens train-member`` refuses this kind (when ``train_fields`` is None)."""
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
+                 trust_code: bool = False) -> None:
         self.spec = spec
         self.where = spec.where
         self.trust_pickle = trust_pickle
+        self.trust_code = trust_code
+        """Whether code the spec names (a model factory) may be imported and run."""
+        unused = sorted(spec.given & ({"input", "input_size", "classes", "tta"} - self.spec_fields))
+        if unused:
+            raise SegensError(f"{self.where}: kind {self.kind} does not use {', '.join(unused)}: it would be ignored; "
+                              "remove it from the spec")
         check_section(spec.model, self.model_fields, self.where, self.kind, "model")
         if self.train_fields is None and spec.train:
             raise SegensError(f"{self.where}: kind {self.kind} has no 'train' settings: {self.cannot_train}; remove "
@@ -136,6 +146,13 @@ class Member(ABC):
     def predict_batch(self, records: Sequence[ImageRecord], folds: Sequence[int], split: str,
                       images: Sequence[np.ndarray] | None = None) -> list[StoredMaps]:
         """The stored maps of each record (``images``: the records' decoded images when ``read_batch`` gave them)."""
+
+    def prepare(self, folds: Sequence[int]) -> None:
+        """Load what predicting with ``folds`` needs, so that a checkpoint or model that cannot be used is an
+        error before any store exists (default: nothing to load)."""
+
+    def release(self) -> None:
+        """Drop what ``prepare`` loaded (the models live in worker processes instead)."""
 
     # ---- training and inspecting ----------------------------------------------------------------------------
 
@@ -193,6 +210,17 @@ class NetworkMember(Member):
             checkpoints[fold] = {"path": str(checkpoint.path), "sha256": checkpoint.sha256}
         return checkpoints
 
+    @abstractmethod
+    def model_for(self, fold: int) -> Any:
+        """The loaded, checked model of ``fold``'s checkpoint (cached)."""
+
+    def prepare(self, folds: Sequence[int]) -> None:
+        for fold in folds:
+            self.model_for(fold)
+
+    def release(self) -> None:
+        self._models.clear()
+
     def read_image(self, path: str | Path) -> np.ndarray:
         """An image as the input contract reads it: (H, W) gray or (H, W, 3) colour uint8."""
         return self.spec.input.read(path)
@@ -218,6 +246,8 @@ class NetworkMember(Member):
 class ImportedMember(Member):
     """Members whose predictions were made elsewhere (a submission CSV, arrays): no folds, no pixels read; the
     store's one 'checkpoint' (fold 0) is the member's identity, the same for its oof and test stores."""
+
+    spec_fields = frozenset()
 
     def plan(self, split: str, root: str | Path, folds_path: str | Path | None) -> tuple[list[Job], dict[int, dict[str, str]]]:
         if split not in ("oof", "test"):

@@ -74,6 +74,26 @@ class InputContract:
                                       f"{self.channels}; give one per channel")
             if any(not math.isfinite(v) for v in (*mean, *std)) or any(v <= 0 for v in std):
                 raise SegensError(f"{where}.normalize: mean must be finite and std positive, got {mean} / {std}")
+        self._check_float32(where)
+
+    def _check_float32(self, where: str) -> None:
+        """The tensor is made in float32: the scale, means and stds must stay finite and non-zero there, and the
+        scaled, normalized values of every possible pixel (0 .. 65535) finite and not all zero."""
+        with np.errstate(all="ignore"):
+            scale = np.float32(self.scale)
+            pixels = np.array([0, 1, 255, 65535], np.float32) / scale
+            if not (np.isfinite(scale) and scale > 0 and np.isfinite(pixels).all() and pixels[1] > 0):
+                raise SegensError(f"{where}.scale {self.scale!r} is out of float32's range (the tensor's type): pixel "
+                                  "values would become 0 or infinite; use a scale such as 255 or 1")
+            stats = self.mean_std
+            if stats is None:
+                return
+            mean, std = (np.asarray(values, np.float32) for values in stats)
+            normalized = (pixels[:, None] - mean[None, :]) / std[None, :]
+            if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()
+                    and np.isfinite(normalized).all()):
+                raise SegensError(f"{where}.normalize: mean {list(stats[0])} / std {list(stats[1])} are out of "
+                                  "float32's range (the tensor's type): normalized pixels would be infinite or NaN")
 
     # ---- the document form ----------------------------------------------------------------------------------
     @classmethod

@@ -15,7 +15,7 @@ import torch
 
 from segens.conventions.classes import NUM_CLASSES
 from segens.errors import SegensError
-from segens.infra.safeload import torch_load_data, torch_load_pickle
+from segens.infra.safeload import require_regular, torch_load_data, torch_load_pickle
 from segens.members.base import CheckpointReport
 from segens.members.class_map import names_from
 
@@ -25,13 +25,13 @@ DUMMY_SIDE = 256
 
 
 def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
-                       trust_pickle: bool = False) -> CheckpointReport:
+                       trust_pickle: bool = False, trust_code: bool = False) -> CheckpointReport:
     """Load ``path`` (with the spec's member kind when ``spec_path`` is given) and describe it."""
-    path = Path(path)
+    path = require_regular(path, "checkpoint")
     if not path.exists():
         raise SegensError(f"{path}: checkpoint not found")
     if spec_path is not None:
-        return _with_spec(path, Path(spec_path), trust_pickle)
+        return _with_spec(path, Path(spec_path), trust_pickle, trust_code)
     if path.is_dir():
         return _pretrained(path)
     from segens.members.kinds.torch_member import is_torchscript
@@ -51,11 +51,11 @@ def inspect_checkpoint(path: str | Path, spec_path: str | Path | None = None,
     return _pickled(path, trust_pickle) if payload is None else _weights(path, payload)
 
 
-def _with_spec(path: Path, spec_path: Path, trust_pickle: bool) -> CheckpointReport:
+def _with_spec(path: Path, spec_path: Path, trust_pickle: bool, trust_code: bool) -> CheckpointReport:
     from segens.members.registry import build_member
     from segens.members.spec import load_spec
 
-    return build_member(load_spec(spec_path), trust_pickle=trust_pickle).describe(path)
+    return build_member(load_spec(spec_path), trust_pickle=trust_pickle, trust_code=trust_code).describe(path)
 
 
 def _pretrained(path: Path) -> CheckpointReport:

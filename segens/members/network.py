@@ -70,6 +70,14 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], proble
     return module
 
 
+class NotProbabilities(SegensError):
+    """A model declared to output probabilities gave values outside [0, 1] (``index``: the image in its batch)."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.message, self.index = message, index
+
+
 @dataclass
 class LoadedModel:
     """A ready model: the callable, the competition-class -> model-channel order (None: same order), the
@@ -88,7 +96,16 @@ class LoadedModel:
             raise SegensError(f"{where}: the model outputs shape {tuple(out.shape)}; segens needs (N, classes, h, w)")
         if self.order is not None:
             out = out[:, self.order]
-        return out.float()
+        out = out.float()
+        if self.output_type == "probabilities":
+            outside = ((out < 0) | (out > 1) | torch.isnan(out)).flatten(1).any(dim=1)
+            if outside.any():
+                index = int(torch.nonzero(outside)[0])
+                low, high = torch.aminmax(out[index])
+                raise NotProbabilities(f"{where}: the model's output is declared as probabilities (model.output.type "
+                                       f"probabilities) but holds values from {float(low):.4g} to {float(high):.4g}: "
+                                       "it returns logits? set model.output.type to logits", index)
+        return out
 
 
 class TorchModuleMember(NetworkMember):
@@ -98,8 +115,9 @@ class TorchModuleMember(NetworkMember):
 
     stride = 32
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        super().__init__(spec, device, trust_pickle)
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
+                 trust_code: bool = False) -> None:
+        super().__init__(spec, device, trust_pickle, trust_code)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.passes = tta_passes(spec.tta)
@@ -145,10 +163,16 @@ class TorchModuleMember(NetworkMember):
             module.eval().to(self.device)
             if self.channels_last:
                 module.to(memory_format=torch.channels_last)
-        channels = self.spec.input.channels
-        with torch.no_grad():
-            out = output_of(module(torch.zeros(1, channels, *self.spec.input.size, device=self.device)),
-                            loaded.output_key, str(path))
+        shape = (1, self.spec.input.channels, *self.spec.input.size)
+        try:
+            with torch.no_grad():
+                raw = module(torch.zeros(shape, device=self.device))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # torch's shape errors come in these
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SegensError(f"{path}: the model does not run on an input of the spec's contract, shape {shape} "
+                              f"(input.channels {shape[1]}, input.size {list(shape[2:])}): {first[:300]}; fix "
+                              f"the input section of {self.where}") from None
+        out = output_of(raw, loaded.output_key, str(path))
         count = out.shape[1] if out.ndim == 4 else None
         if count != NUM_CLASSES:
             raise SegensError(f"{path}: the model outputs shape {tuple(out.shape)}; segens needs (N, {NUM_CLASSES}, h, w), "
@@ -194,9 +218,20 @@ class TorchModuleMember(NetworkMember):
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             for fold in folds:
-                for index, outputs in enumerate(self.model_passes(self.model_for(fold), chunk, on_device)):
+                try:
+                    chunk_passes = self.model_passes(self.model_for(fold), chunk, on_device)
+                except NotProbabilities as exc:
+                    raise NotProbabilities(exc.message, start + exc.index) from None
+                for index, outputs in enumerate(chunk_passes):
                     passes[start + index].extend(outputs)
         return passes
+
+    def predict_batch(self, records, folds, split, images=None):
+        try:
+            return super().predict_batch(records, folds, split, images)
+        except NotProbabilities as exc:
+            raise SegensError(f"{exc.message} (member {self.spec.name}, first at image {records[exc.index].key})") \
+                from None
 
     def _output_type(self, folds: Sequence[int]) -> str:
         return self.model_for(folds[0]).output_type if folds else "logits"

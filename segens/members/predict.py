@@ -15,6 +15,7 @@ network runs, and finished images are compressed and written in a thread pool, b
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Any
 from segens.conventions.dataset import ImageRecord
 from segens.errors import SegensError
 from segens.infra.backend import check_backend, check_jobs, n_jobs, parallel_backend, worker_count
+from segens.infra.locations import local_path
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
 from segens.members.registry import build_member
@@ -79,7 +81,8 @@ def fold_store_path(out: str | Path, fold: int) -> str:
 
 def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str | Path,
                    folds_path: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
-                   trust_pickle: bool = False, batch_size: int = 4, progress: bool = True, jobs: int = 1,
+                   trust_pickle: bool = False, trust_code: bool = False, batch_size: int = 4, progress: bool = True,
+                   jobs: int = 1,
                    backend: str = "local", scheduler: str | None = None,
                    storage_options: dict[str, Any] | None = None, pipelined: bool = True,
                    per_fold: bool = False) -> PredictSummary:
@@ -112,7 +115,7 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     outs = [fold_store_path(out, fold) for fold in sorted(spec.checkpoints)] if per_fold else [str(out)]
     check_outputs([Output(path, "store", "--out", resumable=True) for path in outs],
                   inputs=[spec_path, root, folds_path], overwrite=overwrite)
-    member = build_member(spec, device=device, trust_pickle=trust_pickle)
+    member = build_member(spec, device=device, trust_pickle=trust_pickle, trust_code=trust_code)
     if backend == "dask":
         root = Path(root).resolve()  # workers read the images by these paths, from their own working directory
     jobs_planned, checkpoints = member.plan(split, root, folds_path)
@@ -120,22 +123,35 @@ def predict_member(spec_path: str | Path, split: str, root: str | Path, out: str
     if per_fold:
         targets = [(path, fold, [(record, (fold,)) for record, _ in jobs_planned], {fold: checkpoints[fold]})
                    for path, fold in zip(outs, sorted(spec.checkpoints))]
+    # every model loads and runs on a dummy input before a store exists: a refused or broken checkpoint leaves
+    # nothing behind that a fixed rerun would trip over
+    member.prepare(sorted({fold for _, folds_used in jobs_planned for fold in folds_used}))
+    serial = backend == "local" and jobs == 1
+    if not serial:
+        member.release()  # each worker process loads its own copy
+    trust = (trust_pickle, trust_code)
     written = skipped = 0
     started = time.perf_counter()
     with parallel_backend(backend, scheduler) as client:  # reach the cluster before anything is written
         for path, fold, planned, used in targets:
             location = shared_location(path, backend)
+            fresh = local_path(location) is not None and not local_path(location).exists()
             store = create_store(location, spec.name, spec.kind, split, spec.to_dict(), used,
                                  images=[record.key for record, _ in planned], overwrite=overwrite,
                                  storage_options=store_options(location, storage_options), fold=fold)
             done = store.completed()
             todo = [job for job in planned if job[0].key not in done]
             batches = planned_batches(planned, batch_size, done)
-            if backend == "local" and jobs == 1:
-                _run(member, store, batches, done, split, progress, len(todo), pipelined)
-            else:
-                _run_parallel(_portable(spec), _spec_hash(spec), device, trust_pickle, store, batches, done, split,
-                              progress, len(todo), n_jobs(backend, jobs), worker_count(client, jobs))
+            try:
+                if serial:
+                    _run(member, store, batches, done, split, progress, len(todo), pipelined)
+                else:
+                    _run_parallel(_portable(spec), _spec_hash(spec), device, trust, store, batches, done,
+                                  split, progress, len(todo), n_jobs(backend, jobs), worker_count(client, jobs))
+            except BaseException:
+                if fresh and not store.completed():  # refused before its first image (a pickle, a bad output):
+                    shutil.rmtree(local_path(location), ignore_errors=True)  # the rerun starts clean
+                raise
             written, skipped = written + len(todo), skipped + len(planned) - len(todo)
     return PredictSummary(", ".join(outs), written, skipped, time.perf_counter() - started)
 
@@ -215,7 +231,7 @@ def _pipelined(member, store: ProbabilityStore, batches: list[list], done: set[s
 
 # ---- the parallel path: chunks of whole batches, one member per worker process ---------------------------------
 
-_WORKER_MEMBERS: dict[tuple[str, str, str, bool], Any] = {}
+_WORKER_MEMBERS: dict[tuple[str, str, str, tuple[bool, bool]], Any] = {}
 _WORKER_LOCK = threading.Lock()
 
 
@@ -237,24 +253,25 @@ def _portable(spec: MemberSpec) -> MemberSpec:
                      for fold, checkpoint in spec.checkpoints.items()})
 
 
-def worker_member(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool):
+def worker_member(spec: MemberSpec, spec_hash: str, device: str, trust: tuple[bool, bool]):
     """The member adapter of this process, built on first use and kept in a module-level cache keyed by the spec
-    file's content hash, its path and the device: one model copy per worker process, reused by every task of the
-    run (a task of another member replaces it)."""
-    key = (spec_hash, str(spec.path), device, trust_pickle)
+    file's content hash, its path, the device and ``trust`` (trust_pickle, trust_code): one model copy per worker
+    process, reused by every task of the run (a task of another member replaces it)."""
+    key = (spec_hash, str(spec.path), device, trust)
     with _WORKER_LOCK:  # threads of one worker share the copy
         member = _WORKER_MEMBERS.get(key)
         if member is None:
             _WORKER_MEMBERS.clear()  # only the latest member stays: a long-lived worker never piles up models
-            member = _WORKER_MEMBERS[key] = build_member(spec, device=device, trust_pickle=trust_pickle)
+            member = _WORKER_MEMBERS[key] = build_member(spec, device=device, trust_pickle=trust[0],
+                                                                 trust_code=trust[1])
     return member
 
 
-def _predict_chunk(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
+def _predict_chunk(spec: MemberSpec, spec_hash: str, device: str, trust: tuple[bool, bool], store: ProbabilityStore,
                    batches: list[list], split: str, done: set[str]) -> int:
     """A task: predict a chunk of whole batches with this process's member and write their images not in
     ``done``; the number of images written."""
-    member = worker_member(spec, spec_hash, device, trust_pickle)
+    member = worker_member(spec, spec_hash, device, trust)
     return sum(1 for batch in batches for _ in _write_batch(member, store, batch, split, done))
 
 
@@ -269,14 +286,14 @@ def chunk_batches(batches: list[list], workers: int) -> list[list[list]]:
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 
 
-def _run_parallel(spec: MemberSpec, spec_hash: str, device: str, trust_pickle: bool, store: ProbabilityStore,
+def _run_parallel(spec: MemberSpec, spec_hash: str, device: str, trust: tuple[bool, bool], store: ProbabilityStore,
                   batches: list[list], done: set[str], split: str, progress: bool, total: int, jobs: int,
                   workers: int) -> None:
     """Chunks of the same batches as the serial path, as tasks of the active joblib backend (local or Dask)."""
     from joblib import Parallel, delayed
 
     chunks = chunk_batches(batches, workers)
-    tasks = (delayed(_predict_chunk)(spec, spec_hash, device, trust_pickle, store, chunk, split,
+    tasks = (delayed(_predict_chunk)(spec, spec_hash, device, trust, store, chunk, split,
                                      {record.key for batch in chunk for record, _ in batch if record.key in done})
              for chunk in chunks)
     with progress_bar("img", disable=not progress) as bar:

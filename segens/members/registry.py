@@ -32,9 +32,9 @@ def kinds() -> list[str]:
     return sorted(set(BUILTIN_KINDS) | set(_FACTORIES))
 
 
-def build_member(spec: Any, device: str = "cpu", trust_pickle: bool = False) -> Any:
+def build_member(spec: Any, device: str = "cpu", trust_pickle: bool = False, trust_code: bool = False) -> Any:
     """The adapter of a member spec (segens.members.base.Member), built once per process."""
-    return factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle)
+    return factory(spec.kind)(spec, device=device, trust_pickle=trust_pickle, trust_code=trust_code)
 
 
 def factory(kind: str) -> Callable[..., Any]:

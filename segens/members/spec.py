@@ -33,7 +33,7 @@ import yaml
 
 from segens.errors import SegensError
 from segens.infra.atomic import atomic_write_text
-from segens.infra.safeload import check_name, load_yaml, validate
+from segens.infra.safeload import check_name, load_yaml, parse_yaml, read_text, validate
 from segens.members.input_contract import MAX_SIDE, InputContract
 
 SPEC_VERSION = 2
@@ -175,6 +175,7 @@ class MemberSpec:
     path: Path | None = None  # the YAML file it was read from, if any
     input: InputContract | None = None
     classes: list[str] | None = None  # the model's output channel order, if the spec gives it
+    given: frozenset[str] = frozenset()  # the top-level fields the document itself holds
 
     def __post_init__(self) -> None:
         if self.input is None:
@@ -264,6 +265,11 @@ def spec_from_dict(document: Any, where: str, path: Path | None = None) -> Membe
     except SegensError as exc:
         raise SegensError(f"{where}: {exc}") from None
     tta = [entry if isinstance(entry, str) else {"scale": float(entry["scale"])} for entry in (parsed.tta or [])]
+    for entry in tta:  # the work is bounded before any model runs: a scaled pass is an input like the plain one
+        if isinstance(entry, dict) and max(contract.size) * entry["scale"] > MAX_SIDE:
+            raise SegensError(f"{where}: tta {{scale: {entry['scale']:g}}} makes the input "
+                              f"{round(max(contract.size) * entry['scale'])} pixels on a side with input.size "
+                              f"{list(contract.size)}; segens runs inputs up to {MAX_SIDE}: lower the scale or the size")
     base = path.parent if path else Path.cwd()
     checkpoints = {}
     for fold, entry in (parsed.checkpoints or {}).items():
@@ -276,7 +282,8 @@ def spec_from_dict(document: Any, where: str, path: Path | None = None) -> Membe
         class_permutation(parsed.classes, f"{where}: classes")
     return MemberSpec(name=parsed.name, kind=parsed.kind, tta=tta, model=dict(parsed.model or {}),
                       train=dict(parsed.train or {}), checkpoints=checkpoints, path=path, input=contract,
-                      classes=list(parsed.classes) if parsed.classes is not None else None)
+                      classes=list(parsed.classes) if parsed.classes is not None else None,
+                      given=frozenset(str(key) for key in document))
 
 
 def load_spec(path: str | Path) -> MemberSpec:
@@ -293,3 +300,34 @@ def save_spec(spec: MemberSpec, path: str | Path | None = None) -> Path:
     spec.path = target
     atomic_write_text(target, yaml.safe_dump(spec.to_dict(), sort_keys=False))
     return target
+
+
+def record_checkpoint(path: str | Path, fold: int, checkpoint: Checkpoint) -> None:
+    """Write ``fold``'s checkpoint entry into the spec file at ``path`` atomically, keeping the rest of the document
+    as its author wrote it (comments, order, quoting: a round-trip YAML edit); a version-1 spec is rewritten
+    whole, as version 2."""
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    path = Path(path)
+    text = read_text(path, "member spec")
+    original = parse_yaml(text, path, "member spec")  # bounded and validated before the round-trip parser sees it
+    spec = spec_from_dict(original, str(path), path)
+    spec.checkpoints[fold] = checkpoint
+    if original.get("version") != SPEC_VERSION:
+        save_spec(spec, path)
+        return
+    editor = YAML(typ="rt")
+    editor.preserve_quotes = True
+    editor.width = 4096
+    document = editor.load(text)
+    if not isinstance(document.get("checkpoints"), dict):
+        document["checkpoints"] = CommentedMap()
+    entries = document["checkpoints"]
+    key = next((existing for existing in entries if str(existing).strip() == str(fold)), fold)
+    entries[key] = spec.to_dict()["checkpoints"][fold]
+    buffer = StringIO()
+    editor.dump(document, buffer)
+    atomic_write_text(path, buffer.getvalue())

@@ -16,7 +16,7 @@ from segens.infra.backend import check_jobs
 from segens.infra.outputs import Output, check_outputs
 from segens.members.base import FoldResult
 from segens.members.registry import build_member
-from segens.members.spec import load_spec, save_spec
+from segens.members.spec import MemberSpec, load_spec, record_checkpoint
 
 
 @dataclass
@@ -57,16 +57,31 @@ def _train_one(spec_path: Path, root: Path, folds_path: Path, number: int, devic
     return number, member.train_fold(number, train, val, base / f"fold{number}", progress=progress), len(train), len(val)
 
 
+def check_own_checkpoints(spec: MemberSpec, folds: list[int], base: Path, overwrite: bool) -> None:
+    """A SegensError, unless ``overwrite``, for a fold whose spec entry names a checkpoint that train-member did
+    not write (not under ``base``): training the fold would replace the user's entry."""
+    if overwrite:
+        return
+    base = base.resolve()
+    for number in folds:
+        checkpoint = spec.checkpoints.get(number)
+        if checkpoint is not None and not Path(checkpoint.path).resolve().is_relative_to(base):
+            raise SegensError(f"{spec.where}: fold {number}'s checkpoint is {checkpoint.path}, not one train-member "
+                              f"wrote (under {base}); training fold {number} would replace that entry. Pass "
+                              "--overwrite to replace it, or train with a copy of the spec")
+
+
 def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path, fold: str = "all",
                  device: str = "cpu", jobs: int = 1, checkpoints_dir: str | Path | None = None,
-                 progress: bool = True, trust_pickle: bool = False) -> list[FoldSummary]:
+                 progress: bool = True, trust_pickle: bool = False, overwrite: bool = False) -> list[FoldSummary]:
     """Train the requested folds (one after another, or ``jobs`` side by side); the spec is rewritten
     atomically, by this process only, as each fold finishes.
 
     The spec and the folds file are checked against the data root before any training starts. Checkpoints go
     to ``checkpoints_dir`` (default: ``<spec folder>/<member name>/``), one sub-folder per fold; an interrupted
     fold there resumes. Resume state that needs a full unpickler (YOLO's, an older segens' last.pt) is loaded
-    only with ``trust_pickle``.
+    only with ``trust_pickle``. A fold whose spec entry names a checkpoint outside that folder (one the user
+    put there) is trained only with ``overwrite``: its entry would be replaced.
     """
     check_jobs(jobs)
     spec_path, root, folds_path = Path(spec_path), Path(root), Path(folds_path)
@@ -78,14 +93,13 @@ def train_member(spec_path: str | Path, root: str | Path, folds_path: str | Path
                           "into the spec (atomically, beside it); copy the spec to a writable folder")
     folds = load_folds(folds_path, root=root)
     chosen = parse_fold_choice(fold, folds.k)
+    check_own_checkpoints(spec, chosen, base, overwrite)
     build_member(spec, device=device)  # validates the spec's kind-specific fields up front
     tasks = (delayed(_train_one)(spec_path, root, folds_path, number, device, base, progress and jobs == 1,
                                  trust_pickle) for number in chosen)
     summaries = []
     for number, result, train_count, val_count in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
-        spec = load_spec(spec_path)
-        spec.checkpoints[number] = result.checkpoint
-        save_spec(spec, spec_path)
+        record_checkpoint(spec_path, number, result.checkpoint)  # the rest of the spec stays as written
         summaries.append(FoldSummary(number, train_count, val_count, result.checkpoint.val_dice,
                                      len(result.history), result.checkpoint.path))
     return sorted(summaries, key=lambda summary: summary.fold)

@@ -71,8 +71,11 @@ class ClassOnDisk:
 def valid_batch(folder: Path, batch: range, members: int, search: str) -> bool:
     """Whether the batch's file is there, belongs to the search ``search`` (its key) and holds every class's
     evidence of its images."""
+    path = batch_path(folder, batch)
     try:
-        with np.load(batch_path(folder, batch), allow_pickle=False) as archive:
+        if path.exists() and not path.is_file():  # a FIFO planted there would block np.load: extract again
+            return False
+        with np.load(path, allow_pickle=False) as archive:
             if archive["search"].dtype != np.uint8 or archive["search"].tobytes() != search.encode():
                 return False
             for channel in range(NUM_CLASSES):

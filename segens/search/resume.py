@@ -77,6 +77,11 @@ class FinishedClasses:
         self.members = members  # a file whose per-member lists have another length is searched again
         self.strategies = tuple(strategies)  # a file lacking one of them is searched again
         self.ignored: list[Path] = []  # files of another search found here (a note says so)
+        for path in (self.root, self.folder, self.folder / "evidence"):
+            if path.is_symlink():  # its files would be written elsewhere and outlive the search (rmtree keeps them)
+                raise SegensError(f"{path}: the search's resume folder is a link; segens keeps resume files in a "
+                                  "real folder beside --out and removes it once the recipe is written: remove the "
+                                  "link and run again")
 
     def load(self) -> dict[int, dict[str, ClassResult]]:
         """Channel -> {strategy: result} for every class a previous run of the same search finished (unreadable or

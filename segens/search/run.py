@@ -26,6 +26,7 @@ from segens.search.resume import FinishedClasses, labels_digest, partial_root, s
 from segens.store import ProbabilityStore, open_store
 from segens.store.location import shared_location, store_options
 from segens.voting import get_strategy
+from segens.voting.mean import MIN_STEP
 from segens.voting.recipe import Recipe, save_recipe
 
 METHODS = ("grid", "caruana")
@@ -88,8 +89,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         raise SegensError("--strategy auto picks the strategy by held-out scores: it needs --cv (and --folds)")
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not 0 < step <= 0.5:  # NaN fails too
-        raise SegensError(f"--step must be a number in (0, 0.5], got {step}")
+    if not MIN_STEP <= step <= 0.5:  # NaN fails too; a finer grid changes no 8-bit vote and would not end
+        raise SegensError(f"--step must be a number in [{MIN_STEP}, 0.5], got {step}")
     locations = [shared_location(url, backend) for url in store_urls]
     stores = [open_store(location, store_options(location, storage_options)) for location in locations]
     if any(store.split != "oof" for store in stores):

@@ -19,6 +19,7 @@ import numpy as np
 from segens.conventions.labels import write_label_json
 from segens.conventions.metadata import write_metadata
 from segens.errors import SegensError
+from segens.infra.outputs import data_root_above
 from segens.synth.anatomy import build_hand, sample_patient_traits, sample_pose
 from segens.synth.preview import preview
 from segens.synth.render import render_radiograph
@@ -61,6 +62,10 @@ def generate(root: str | Path, n_train_patients: int = 20, n_test_patients: int 
     (the labels are identical; 0.4 s less per 2048 image) for work that never looks at the pixels."""
     root = Path(root)
     _check_arguments(n_train_patients, n_test_patients, size, seed)
+    outer = data_root_above(root)
+    if outer is not None:
+        raise SegensError(f"{root}: lies inside the data root {outer}; its images would join that data set: write "
+                          "the new one to another folder")
     _clear_root(root, overwrite)
     patients = [("train", i) for i in range(1, n_train_patients + 1)]
     patients += [("test", i) for i in range(n_train_patients + 1, n_train_patients + n_test_patients + 1)]

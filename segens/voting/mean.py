@@ -18,6 +18,8 @@ MAX_COARSE_CANDIDATES = 300
 """Above this many grid candidates the grid is searched at a doubled step first (coarse to fine): 5 members at
 step 0.1 make 1001, at 0.2 only 126; the refinement then moves weight by 0.1, 0.05, 0.025."""
 MAX_GRID_CANDIDATES = 50_000
+MIN_STEP = 0.001
+"""The finest weight step: finer grids than 1/1000 change no 8-bit vote, and bound the candidate count."""
 """Weight-grid candidates per class a search may score (step 0.1 with 3 members: 66; 0.02 with 4: 23,426)."""
 
 
@@ -31,6 +33,8 @@ def coarse_step(members: int, step: float) -> float:
 def check_grid_size(step: float, members: int) -> int:
     """The number of weight-grid candidates of ``step`` for ``members`` members, refused (a SegensError) when
     above MAX_GRID_CANDIDATES, before any work."""
+    if not MIN_STEP <= step <= 0.5:  # NaN fails too; bounded before the count is computed
+        raise SegensError(f"--step must be a number in [{MIN_STEP}, 0.5], got {step}")
     parts = max(1, int(round(1 / step)))
     count = math.comb(parts + members - 1, members - 1)
     if count > MAX_GRID_CANDIDATES:

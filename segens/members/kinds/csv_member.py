@@ -36,8 +36,9 @@ class CsvMember(ImportedMember):
     model_fields = SPLIT_FIELDS  # a CSV path per split
     cannot_train = "its masks are read from submission CSVs"
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        super().__init__(spec, device, trust_pickle)
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
+                 trust_code: bool = False) -> None:
+        super().__init__(spec, device, trust_pickle, trust_code)
         self._submissions: dict[str, Submission] = {}
 
     def csv_path(self, split: str) -> Path:

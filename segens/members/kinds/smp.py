@@ -120,8 +120,9 @@ class SmpMember(TorchModuleMember):
     model_fields = MODEL_FIELDS
     train_fields = TRAIN_FIELDS
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        super().__init__(spec, device, trust_pickle)
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
+                 trust_code: bool = False) -> None:
+        super().__init__(spec, device, trust_pickle, trust_code)
         if any(side % 32 for side in spec.input.size):
             raise SegensError(f"{self.where}: input size {list(spec.input.size)} must be a multiple of 32 for smp models")
 

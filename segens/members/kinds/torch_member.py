@@ -15,8 +15,9 @@ checkpoints: {0: {path: fold0.pt, sha256: ...}}
 ```
 
 A checkpoint is a TorchScript file (loading runs no Python code from it), a state_dict loaded into the module the
-factory builds (importing the factory runs the user's own code, which the spec asks for), or a whole pickled
-model, only with ``--trust-pickle``. Class names come from a ``classes`` attribute of the module, else the spec.
+factory builds, or a whole pickled model, only with ``--trust-pickle``. Importing the factory runs code the spec
+names, and a spec travels between people like a checkpoint does: it is done only with ``--trust-code``
+(``ens inspect`` without it says what it would import and runs nothing). Class names come from a ``classes`` attribute of the module, else the spec.
 Training is the user's own script: ``ens train-member`` does not train this kind.
 """
 
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 
 from segens.errors import SegensError
-from segens.infra.safeload import torch_load_data, torch_load_pickle
+from segens.infra.safeload import require_regular, torch_load_data, torch_load_pickle
+from segens.members.base import CheckpointReport
 from segens.members.class_map import names_from
 from segens.members.network import OUTPUT_TYPES, LoadedModel, TorchModuleMember, load_weights
 from segens.members.registry import register
@@ -46,6 +48,7 @@ STATE_KEYS = ("state_dict", "model_state_dict", "model")
 
 def is_torchscript(path: Path) -> bool:
     """Whether a file is a TorchScript archive (a zip holding TorchScript code, not only pickled data)."""
+    require_regular(path, "checkpoint")
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
@@ -53,16 +56,27 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def import_factory(factory: str, where: str, base: Path | None = None) -> Any:
-    """The callable named ``module:function`` (or ``file.py:function``, relative to ``base``); a SegensError
-    naming the factory when it does not import or is not there."""
+def factory_parts(factory: Any, where: str, base: Path | None = None) -> tuple[str | Path, str]:
+    """(the module name or the absolute file, the function) that ``model.factory`` names; nothing is imported."""
     module_name, _, function = str(factory).partition(":")
     if not module_name or not function:
         raise SegensError(f"{where}: model.factory {factory!r} must look like 'package.module:function' or "
                           "'file.py:function'")
+    if module_name.endswith(".py"):
+        file = Path(module_name) if Path(module_name).is_absolute() else (base or Path.cwd()) / module_name
+        return file.resolve(), function
+    return module_name, function
+
+
+def import_factory(factory: str, where: str, base: Path | None = None) -> Any:
+    """The callable named ``module:function`` (or ``file.py:function``, relative to ``base``); a SegensError
+    naming the factory when it does not import or is not there. Writes no ``__pycache__`` beside the file."""
+    module_name, function = factory_parts(factory, where, base)
+    writes_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # a factory file next to a spec is the user's folder, not a cache
     try:
-        if module_name.endswith(".py"):
-            file = Path(module_name) if Path(module_name).is_absolute() else (base or Path.cwd()) / module_name
+        if isinstance(module_name, Path):
+            file = module_name
             loader_spec = importlib.util.spec_from_file_location(f"segens_factory_{file.stem}", file)
             if loader_spec is None or not file.is_file():
                 raise FileNotFoundError(f"no file {file}")
@@ -74,8 +88,11 @@ def import_factory(factory: str, where: str, base: Path | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way while importing
         raise SegensError(f"{where}: model.factory {factory!r} does not import ({type(exc).__name__}: {exc}); "
                           "put its package on PYTHONPATH or give 'file.py:function'") from None
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     if not callable(getattr(module, function, None)):
-        raise SegensError(f"{where}: model.factory {factory!r}: module {module_name!r} has no function {function!r}")
+        raise SegensError(f"{where}: model.factory {factory!r}: module {str(factory).partition(':')[0]!r} has no "
+                          f"function {function!r}")
     return getattr(module, function)
 
 
@@ -116,6 +133,45 @@ class TorchMember(TorchModuleMember):
         order, names = self.class_order(names_from(getattr(module, "classes", None)), path)
         return self.checked(LoadedModel(module, order, self.output_type, self.output_key, names), path)
 
+    def describe(self, path: Path) -> CheckpointReport:
+        """As prediction loads it; without ``trust_code``, a state_dict's report names the factory it would import
+        and runs nothing."""
+        path = Path(path)
+        if self.trust_code or self._script_or_pickle(path):
+            return super().describe(path)
+        state = self._state_dict(path)
+        report = CheckpointReport.of_spec(path, self.spec)
+        report.parameters = sum(tensor.numel() for tensor in state.values())
+        report.needs_trust_code = True
+        report.notes.append(f"the model is built by {self.factory_description()}: code the spec names, not run. "
+                            "Pass --trust-code if you trust the spec, to build it, load the weights and check one "
+                            "input of the contract's shape")
+        report.spec = {key: value for key, value in self.spec.to_dict().items() if key != "checkpoints"}
+        return report
+
+    def factory_description(self) -> str:
+        """What importing ``model.factory`` would run, in words (nothing is imported)."""
+        module, function = factory_parts(self.spec.model.get("factory"), self.where, self._base())
+        where = f"the file {module}" if isinstance(module, Path) else f"the module {module}"
+        return f"{function}(**model.kwargs) from {where}"
+
+    def _base(self) -> Path | None:
+        return Path(self.spec.path).parent if self.spec.path else None
+
+    def _script_or_pickle(self, path: Path) -> bool:
+        """Whether the checkpoint loads without the factory (TorchScript, or a whole pickled model)."""
+        if not path.is_file():
+            raise SegensError(f"{path}: checkpoint not found (member {self.spec.name}); fix the spec's path")
+        if self.format in ("torchscript", "pickle") or (self.format == "auto" and is_torchscript(path)):
+            return True
+        return self.format == "auto" and torch_load_data(path, "torch checkpoint") is None
+
+    def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
+        payload = torch_load_data(path, "torch checkpoint")
+        if payload is None:
+            raise SegensError(f"{path}: holds pickled objects, not a state_dict (model.format is state_dict)")
+        return state_dict_of(payload, path)
+
     def load_module(self, path: Path) -> torch.nn.Module:
         """The module of a checkpoint, by ``model.format`` (auto: TorchScript if the file is one, else torch.load)."""
         if not path.is_file():
@@ -153,8 +209,11 @@ class TorchMember(TorchModuleMember):
         if not factory:
             raise SegensError(f"{self.where}: a state_dict checkpoint needs model.factory ('package.module:function' "
                               "that builds the model)")
-        base = Path(self.spec.path).parent if self.spec.path else None
-        function = import_factory(factory, self.where, base)
+        if not self.trust_code:
+            raise SegensError(f"{self.where}: building the model runs code the spec names: "
+                              f"{self.factory_description()} (model.factory). Pass --trust-code if you trust the "
+                              "spec and that code, as --trust-pickle is passed for a pickle")
+        function = import_factory(factory, self.where, self._base())
         try:
             module = function(**(self.spec.model.get("kwargs") or {}))
         except Exception as exc:  # noqa: BLE001 - the user's function may fail in any way

@@ -132,8 +132,9 @@ class YoloMember(NetworkMember):
     model_fields = tuple(MODEL_DEFAULTS)
     train_fields = TRAIN_FIELDS
 
-    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False) -> None:
-        super().__init__(spec, device, trust_pickle)
+    def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
+                 trust_code: bool = False) -> None:
+        super().__init__(spec, device, trust_pickle, trust_code)
         self.device = _device(device)
         self.imgsz = _square_size(spec.input.size, self.where)
         _check_contract(spec.input, self.where)
@@ -232,6 +233,10 @@ class YoloMember(NetworkMember):
         checkpoints = [self.spec.checkpoint(fold) for fold in folds]
         return [mean_in_order(self._predict_checkpoint(checkpoint.path, image, sha256=checkpoint.sha256)
                               for checkpoint in checkpoints) for image in images]
+
+    def model_for(self, fold: int) -> YOLO:
+        checkpoint = self.spec.checkpoint(fold)
+        return self._model(checkpoint.path, checkpoint.sha256)
 
     def _predict_checkpoint(self, path: Path, image: np.ndarray, sha256: str | None = None,
                             trusted: bool = False) -> np.ndarray:
