@@ -78,7 +78,12 @@ NULL_MEMBERS = tuple(MemberErrors(f"equal-{number}", 1.1, 0.0, 0.0, 0.0, 0.9, 0.
 into or merging with neighbouring carpal bones, which every member would share as over-segmentation), their
 errors independent but for the parts every member shares (per image, the displacement field, missed carpals):
 the plain mean at 0.5 is the right rule, and a search has nothing to gain."""
-MODES = {"strong": MEMBERS, "null": NULL_MEMBERS}
+OVERCONFIDENT = MemberErrors("unet-dice-loss", 0.2, 0.0, 0.5, 0.35, 1.6, 1.1, 0.015, 0.6)
+"""Right in shape on average (no systematic shift) but strongly over-confident, as networks trained with a Dice
+loss are: its boundary is a step a fifth of a pixel wide, so it says 0 or 1 where it is wrong too (its per-image
+boundary errors are the largest of all). A threshold cannot soften a step; a calibration can."""
+MODES = {"strong": MEMBERS, "null": NULL_MEMBERS, "calibration": (*MEMBERS[:4], OVERCONFIDENT)}
+"""calibration: the strong members with the fifth replaced by the over-confident one."""
 SHARED_IMAGE_SPREAD = 0.6  # px: the per-image shift every member shares
 SHARED_FIELD = 0.7  # px: the displacement field every member shares
 SHARED_MISS_RATE = 0.006  # per carpal and image: all members miss it (weakly)
@@ -106,8 +111,8 @@ def fixture(workdir: Path, train_images: int = 800, test_images: int = 300, size
             seed: int = 0, jobs: int = 2, log: Callable[[str], None] = print, mode: str = "strong",
             k: int = 5, fold_maps: bool = False) -> Fixture:
     """The fixture under ``workdir``, built on first use and reused while its settings match (a build that was
-    stopped starts again). ``mode``: ``strong`` (diverse, mis-calibrated members: searching pays) or ``null``
-    (equal, calibrated members: it cannot); ``k`` patient-grouped folds. ``fold_maps``: every fold model has its
+    stopped starts again). ``mode``: ``strong`` (diverse, mis-calibrated members: searching pays), ``null``
+    (equal, calibrated members: it cannot) or ``calibration`` (one member over-confident); ``k`` patient-grouped folds. ``fold_maps``: every fold model has its
     own boundary jitter, a test image's maps are the mean of the fold models' maps (as predict-member averages
     folds: softer where they disagree), and each fold's test maps are kept too, in per-fold stores (fold f)."""
     table = MODES[mode]

@@ -34,6 +34,8 @@ from bench.fixture import Fixture, fixture
 from segens.ensemble.evaluate import evaluate_store, evaluate_submission
 
 STRATEGIES = ("soft", "weighted", "hard", "auto")
+CALIBRATED = tuple(f"{strategy}+{method}" for strategy in ("soft", "weighted", "auto") for method in ("isotonic", "platt"))
+"""Strategies searched with --calibrate: 'weighted+isotonic' is --strategy weighted --calibrate isotonic."""
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -89,8 +91,10 @@ def measure(data: Fixture, members: int, jobs: int, strategies: list[str], folde
     result: dict[str, Any] = {"members": members, "names": data.members[:members], "searches": {}, "combines": {}}
     for strategy in strategies:
         recipe = folder / f"recipe-{strategy}.json"
+        name, _, calibrate = strategy.partition("+")
         timing = run_command(["search-weights", *oof, "--data", str(data.root), "--folds", str(data.folds), "--cv",
-                              "--strategy", strategy, "--jobs", str(jobs), "--out", str(recipe), "--overwrite"])
+                              "--strategy", name, "--calibrate", calibrate or "none", "--jobs", str(jobs), "--out",
+                              str(recipe), "--overwrite"])
         document = json.loads(recipe.read_text())
         result["searches"][strategy] = {**timing, "summary": document["oof_dice"]["summary"],
                                         "levels": document["oof_dice"].get("levels", {}),
@@ -136,10 +140,11 @@ def quality_rows(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict
         summaries = [run["searches"][strategy]["summary"] for run in runs]
         levels = [run["searches"][strategy]["levels"] for run in runs]
         kept = [sum(level != "plain" for level in seed.values()) for seed in levels]
+        calibrated = [sum(level == "calibrated" for level in seed.values()) for seed in levels]
         chosen = [run["searches"][strategy].get("strategy", strategy) for run in runs]
         rows.append({"setting": f"{strategy}, searched + fallback", "oof": [s["recipe"] for s in summaries],
                      "cv": [s["cv_recipe"] for s in summaries], "cv_searched": [s["cv_searched"] for s in summaries],
-                     "test": [run["combines"][strategy]["test_dice"] for run in runs], "classes_not_plain": kept,
+                     "test": [run["combines"][strategy]["test_dice"] for run in runs], "classes_not_plain": kept, "calibrated": calibrated,
                      "gated": [bool(s.get("gated")) for s in summaries], "chosen": chosen})
         if "per_fold" in runs[0]["combines"][strategy]:
             rows.append({"setting": f"{strategy}, per-fold test maps", "oof": rows[-1]["oof"], "cv": rows[-1]["cv"],
@@ -169,8 +174,11 @@ def print_tables(report: dict[str, Any]) -> None:
         plain = rows[1]["test"]
         for row in rows:
             gains = [t - p for t, p in zip(row["test"], plain)]
-            moved = ", ".join(f"{count}{' (gated)' if gated else ''}{'' if name == row['setting'].split(',')[0] else ' ' + name}"
-                              for count, gated, name in zip(row["classes_not_plain"], row["gated"], row["chosen"])) \
+            moved = ", ".join(f"{count}{' (gated)' if gated else ''}{f' ({tuned} calibrated)' if tuned else ''}"
+                              f"{'' if name == row['setting'].split(',')[0].split('+')[0] else ' ' + name}"
+                              for count, gated, tuned, name in zip(row["classes_not_plain"], row["gated"],
+                                                                   row.get("calibrated", [0] * len(row["gated"])),
+                                                                   row["chosen"])) \
                 if "classes_not_plain" in row else ""
             print(f"| {row['setting']} | {spread(row['oof'])} | {spread(row['cv'])} | {spread(row['test'])} | "
                   f"{spread(gains)} (min {min(gains):+.5f}) | {moved} |")
@@ -180,9 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--members", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES[:3]), choices=STRATEGIES)
-    parser.add_argument("--mode", default="strong", choices=("strong", "null"),
-                        help="strong: diverse, mis-calibrated members; null: equal, calibrated members (nothing to gain)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES[:3]), choices=STRATEGIES + CALIBRATED)
+    parser.add_argument("--mode", default="strong", choices=("strong", "null", "calibration"),
+                        help="strong: diverse, mis-calibrated members; null: equal, calibrated members (nothing to gain); "
+                             "calibration: the fifth member over-confident")
     parser.add_argument("--k", type=int, default=5, help="folds")
     parser.add_argument("--fold-maps", action="store_true",
                         help="test maps as the mean of each fold model's own maps, and per-fold test stores "

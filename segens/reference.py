@@ -35,10 +35,12 @@ def reference_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (2 * intersection + 1e-4) / (pred.sum(-1) + truth.sum(-1) + 1e-4)
 
 
-def reference_combine(store_paths, weights, thresholds, out_csv) -> None:
+def reference_combine(store_paths, weights, thresholds, out_csv, tables=None) -> None:
     """The straightforward ensembling pipeline teams use today: per image, read each member's full map with
     zarr as float32, weighted average (weights (29, M) float32, summed member by member), threshold with
-    ``>``, reference RLE, pandas CSV. For benchmarks and exactness tests only."""
+    ``>``, reference RLE, pandas CSV. With ``tables`` ((29, M, 256) uint8 calibration levels) each member's
+    probability is looked up in its class's float table (level / 255) instead. For benchmarks and exactness tests
+    only."""
     import pandas as pd
     import zarr
 
@@ -50,7 +52,11 @@ def reference_combine(store_paths, weights, thresholds, out_csv) -> None:
     for key in keys:
         total = None
         for member, group in enumerate(groups):
-            probabilities = group[key][:].astype(np.float32) / np.float32(255)
+            if tables is None:
+                probabilities = group[key][:].astype(np.float32) / np.float32(255)
+            else:
+                lookup = tables[:, member].astype(np.float32) / np.float32(255)  # (29, 256) float probabilities
+                probabilities = lookup[np.arange(lookup.shape[0])[:, None, None], group[key][:]]
             term = weights[:, member, None, None] * probabilities
             total = term if total is None else total + term
         masks = total > thresholds[:, None, None]

@@ -16,7 +16,7 @@ from segens.cli import app
 from segens.conventions.classes import CLASSES
 from segens.conventions.dataset import discover
 from segens.conventions.submission import read_submission
-from segens.demo.run import STEPS
+from segens.demo.run import COMPARED, STEPS
 from segens.reference import reference_combine, reference_decode, reference_dice
 
 
@@ -54,6 +54,7 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     files |= {"plain mean of members, at 0.5": "submission_plain_mean.csv", "majority vote, at 0.5":
               "submission_majority.csv", f"searched recipe ({strategy})": "submission.csv",
               f"searched recipe ({strategy}), per fold": "submission_per_fold.csv"}
+    files |= {row: f"submission_{stem}.csv" for stem, (_, _, row, _) in COMPARED.items()}
     assert set(rows) == set(files)
     for what, csv in files.items():
         assert rows[what]["dice"] == pytest.approx(_reference_test_dice(out / csv, root), abs=1e-9), what
@@ -65,12 +66,17 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     # the recipe's submission is the recipe applied by the straightforward pipeline, weights normalised here
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["strategy"] == strategy and recipe["search"]["strategy"] == "auto"
+    assert recipe["search"]["calibrate"] == "isotonic"
     assert [member["name"] for member in recipe["members"]] == members
     if strategy != "hard":
         raw = np.asarray(recipe["weights"] or np.ones((len(CLASSES), 3)), np.float64)
         stores = [out / "stores" / f"{name}.test.zarr" for name in members]
+        tables = None
+        if recipe.get("calibration"):  # each member's class table, or its stored levels
+            tables = np.stack([[np.arange(256) if (rows := recipe["calibration"]["tables"][name])[c] is None
+                                else rows[c] for name in members] for c in range(len(CLASSES))]).astype(np.uint8)
         reference_combine(stores, (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32),
-                          np.asarray(recipe["thresholds"], np.float32), tmp_path / "reference.csv")
+                          np.asarray(recipe["thresholds"], np.float32), tmp_path / "reference.csv", tables)
         submission, reference = read_submission(out / "submission.csv"), read_submission(tmp_path / "reference.csv")
         plain = [c for c, steps in enumerate(recipe["postprocess"]) if not steps]  # the reference has no post-processing
         assert plain
@@ -78,7 +84,9 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
             assert [rles[c] for c in plain] == [reference.rles[name][c] for c in plain], name
     assert len(read_submission(out / "submission.csv").rles) == 4  # 2 test patients, two hands each
     assert summary["verdict"] == recipe["oof_dice"]["verdict"]
-    for name in ("dice.png", "search_report.png", "overlay.png"):
+    assert set(summary["calibration"]) == set(members)
+    assert all(0 <= value <= 1 for pair in summary["calibration"].values() for value in pair)
+    for name in ("dice.png", "search_report.png", "overlay.png", "reliability.png"):
         picture = cv2.imread(str(out / name))
         assert picture is not None and picture.shape[0] > 500 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 20, name
     assert "time: total" in flat(result.output) and "recipe - plain mean, held out" in flat(result.output)

@@ -23,8 +23,9 @@ def demo(
     Makes a data set (32 patients for training, 32 for test, 192 px), two patient-grouped folds, trains two UNet++
     members (MobileNetV2 and MobileNetV3 encoders) and YOLOv8n-seg on every fold, predicts OOF and test stores
     (the folds' mean, and each fold model's own), searches each member's thresholds and the ensemble's recipe on
-    OOF (`--strategy auto --cv`: the strategy and each class's level picked on held-out images), combines the
-    plain mean, the majority vote and the recipe, and scores everything on the test labels. Ends with one table
+    OOF (`--strategy auto --calibrate isotonic --cv`: the strategy and each class's level picked on held-out
+    images; weighted and calibrated recipes beside it), combines the plain mean, the majority vote and the
+    recipes, scores everything on the test labels and shows each member's calibration error (ECE). Ends with one table
     and the verdict; writes the submission, the recipes, the Dice plot and an overlay. `--device cuda` uses larger
     images, inputs and step budgets with mixed precision.
 
@@ -67,6 +68,10 @@ def demo_table(result) -> Table:
     table.add_row("recipe - plain mean, held out (OOF)", f"{result.held_out['gain']:+.4f}",
                   f"± {result.held_out['se']:.4f} (std. error)")
     table.add_row("recipe - plain mean, test split", f"{result.test_gain:+.4f}", "")
+    if result.calibration:
+        table.add_section()
+        for name, (before, after) in result.calibration.items():
+            table.add_row(escape(f"calibration error: {name}"), f"{before:.4f}", f"{after:.4f} calibrated on OOF")
     table.add_section()
     for step, seconds in result.seconds.items():
         table.add_row(f"time: {step}", f"{seconds:.1f} s", "")

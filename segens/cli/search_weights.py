@@ -22,6 +22,7 @@ def search_weights(
     step: Annotated[float, typer.Option(help="Weight grid step on the simplex, refined locally to step/4.")] = 0.1,
     method: Annotated[str, typer.Option(help="grid, or caruana (greedy selection with replacement, for many members).")] = "grid",
     cv: Annotated[bool, typer.Option(help="Repeat the search with each fold held out: an honest estimate of the gain.")] = False,
+    calibrate: Annotated[str, typer.Option(help="none, isotonic or platt: fit each member's calibration per class on OOF (training folds only, with --cv) and try mean votes on the calibrated maps as one more level.")] = "none",
     postprocess: Annotated[bool, typer.Option(help="Try largest-component and hole filling per class; keep what helps.")] = True,
     fallback: Annotated[bool, typer.Option(help="With --cv: per class, keep a searched setting only where the held-out folds show it beats the simpler one by more than a standard error; else the equal weights at a searched threshold, or the plain rule.")] = True,
     jobs: Annotated[int, typer.Option(min=1, help="Images, then classes, processed in parallel.")] = 1,
@@ -54,6 +55,7 @@ def search_weights(
     from segens.search.run import search_weights as run
 
     report = run(stores, data, folds, out, strategy=strategy, step=step, method=method, cv=cv, jobs=jobs,
+                 calibrate=calibrate,
                  postprocess=postprocess, fallback=fallback, backend=backend, scheduler=scheduler,
                  storage_options=parse_storage_options(storage_options), overwrite=overwrite,
                  also_written=[Output(report_csv, option="--report-csv"), Output(plot, option="--plot")])

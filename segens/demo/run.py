@@ -2,9 +2,11 @@
 
 synth -> patient-grouped folds -> three members trained on every fold (two UNet++ with light encoders, YOLOv8n-seg)
 -> OOF and test stores (test: the folds' mean, and each fold model's own maps) -> each member's own thresholds and
-the ensemble's recipe searched on OOF (``--strategy auto`` with CV: the strategy picked on held-out images) ->
-the plain mean, the majority vote and the recipe (on the folds' mean maps and fold by fold) -> Dice on the test
-labels, with the time of every step. FULL fits 15 minutes of a 2-core CPU, QUICK 3 minutes; CUDA is for one GPU.
+the ensemble's recipe searched on OOF (``--strategy auto --calibrate isotonic`` with CV: the strategy and each
+class's level picked on held-out images; and for comparison weighted voting without calibration, calibrated
+soft and calibrated weighted voting) -> the plain mean, the majority vote and the recipes (the main one on the
+folds' mean maps and fold by fold) -> Dice on the test labels, each member's calibration error on the test maps
+before and after an isotonic calibration fitted on its OOF maps, with the time of every step. FULL fits 15 minutes of a 2-core CPU, QUICK 3 minutes; CUDA is for one GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from segens.search.run import search_weights
 from segens.synth import generate
 
 STEPS = ("synthetic data", "folds", "train members", "predict OOF and test stores", "search member thresholds",
-         "search the recipe (auto, with CV)", "combine", "evaluate on the test labels", "plots and overlay")
+         "search the recipe (auto, calibrated, with CV)", "search weighted and calibrated recipes", "combine",
+         "evaluate on the test labels", "calibration error", "plots and overlay")
+COMPARED = {"weighted": ("weighted", "none", "searched weighted vote", "weights, no calibration"),
+            "calibrated_soft": ("soft", "isotonic", "calibrated soft vote", "mean of calibrated"),
+            "calibrated_weighted": ("weighted", "isotonic", "calibrated weighted vote", "weights or calibration")}
+"""Recipes searched beside the main one, for the table: file stem -> (strategy, calibration, row, how)."""
 
 
 @dataclass
@@ -54,6 +61,9 @@ class DemoResult:
     test_gain: float = 0.0  # the recipe's test Dice minus the plain mean's
     verdict: str = ""
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per member: its calibration error (ECE, all classes' pixels) on the test maps, as stored and after an isotonic
+    calibration fitted on its OOF maps."""
     seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -135,7 +145,13 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
                            postprocess=False, jobs=2, progress=False, overwrite=True)
     step(5, member_thresholds)
     report = step(6, lambda: search_weights(oof, root, folds_path, out / "recipe.json", strategy="auto",
-                                            step=config.step, cv=True, jobs=2, overwrite=True))
+                                            step=config.step, cv=True, jobs=2, overwrite=True, calibrate="isotonic"))
+
+    def compared() -> None:
+        for stem, (strategy, calibrate, _, _) in COMPARED.items():
+            search_weights(oof, root, folds_path, out / f"recipe_{stem}.json", strategy=strategy, step=config.step,
+                           cv=True, jobs=2, overwrite=True, calibrate=calibrate, progress=False)
+    step(7, compared)
     result.strategy, result.verdict = report.strategy, report.verdict()
     found = report.comparisons()["recipe over mean"]
     result.held_out = {"gain": found.gain, "se": found.se}
@@ -145,6 +161,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
         combine(test, out / "submission_majority.csv", "hard", overwrite=True)
         summary = combine(test, out / "submission.csv", recipe_path=out / "recipe.json", overwrite=True)
         combine(test_folds, out / "submission_per_fold.csv", recipe_path=out / "recipe.json", overwrite=True)
+        for stem in COMPARED:
+            combine(test, out / f"submission_{stem}.csv", recipe_path=out / f"recipe_{stem}.json", overwrite=True)
         result.warnings += [f"{member}'s test maps are not like its OOF maps in {len(classes)} class(es): "
                             f"{'; '.join(classes[:4])}{' ...' if len(classes) > 4 else ''}"
                             for member, classes in summary.shifted.items()]
@@ -152,7 +170,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
             combine([store], out / f"member_{name}.csv", "soft", overwrite=True)
             combine([store], out / f"member_{name}_searched.csv", recipe_path=out / f"recipe_{name}.json",
                     overwrite=True)
-    step(7, combine_all)
+    step(8, combine_all)
 
     def evaluate() -> dict[str, list[float]]:
         per_class = {}
@@ -161,6 +179,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
                    for name in specs]
         scored += [("plain mean of members, at 0.5", "submission_plain_mean.csv", "soft vote"),
                    ("majority vote, at 0.5", "submission_majority.csv", "hard vote"),
+                   *((row, f"submission_{stem}.csv", how) for stem, (_, _, row, how) in COMPARED.items()),
                    (f"searched recipe ({report.strategy})", "submission.csv", "the folds' mean maps"),
                    (f"searched recipe ({report.strategy}), per fold", "submission_per_fold.csv",
                     "each fold's own maps")]
@@ -172,7 +191,20 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
         result.test_gain = result.dice(f"searched recipe ({report.strategy})") - \
             result.dice("plain mean of members, at 0.5")
         return per_class
-    per_class = step(8, evaluate)
+    per_class = step(9, evaluate)
+
+    def calibration_error() -> None:
+        from segens.ensemble.reliability import fitted_tables, level_counts, plot_reliability
+        from segens.store import open_store
+
+        before, after = {}, {}
+        for name, oof_path, test_path in zip(specs, oof, test):
+            fitted = fitted_tables(level_counts(open_store(oof_path), root))  # on OOF only
+            before[name] = level_counts(open_store(test_path), root)
+            after[name] = before[name].calibrated(fitted)
+            result.calibration[name] = (before[name].pooled_ece(), after[name].pooled_ece())
+        result.files["reliability"] = str(plot_reliability(before, out / "reliability.png", after))
+    step(10, calibration_error)
 
     def pictures() -> None:
         from segens.conventions.dataset import discover
@@ -185,9 +217,9 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
         result.files["recipe"] = str(out / "recipe.json")
         record = discover(root, "test").records[0]
         result.files["overlay"] = str(draw_overlay(record.key, root, [out / "submission.csv"], out / "overlay.png"))
-    step(9, pictures)
+    step(11, pictures)
     (out / "demo_result.json").write_text(json.dumps(
         {"config": result.config, "rows": [asdict(row) for row in result.rows], "strategy": result.strategy,
          "held_out": result.held_out, "test_gain": result.test_gain, "verdict": result.verdict,
-         "warnings": result.warnings, "seconds": result.seconds, "files": result.files}, indent=1))
+         "warnings": result.warnings, "calibration": result.calibration, "seconds": result.seconds, "files": result.files}, indent=1))
     return result

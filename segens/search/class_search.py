@@ -33,7 +33,7 @@ from segens.ensemble.shift import shape_of
 from segens.search.evidence import ClassEvidence, image_masks
 from segens.search.levels import LEVEL_NAMES, choose_level, held_out_scores, make_plan, make_subsets
 from segens.search.scorer import ClassScorer
-from segens.voting import get_strategy
+from segens.voting import calibration, get_strategy
 from segens.voting.base import HALF, Choice, Strategy
 from segens.voting.morphology import apply_postprocessing
 from segens.voting.rules import normalise_weights
@@ -41,14 +41,14 @@ from segens.voting.rules import normalise_weights
 VARIANTS = ([], ["largest_component"], ["fill_holes"], ["largest_component", "fill_holes"])
 
 
-def variant_dice(evidence: ClassEvidence, kept_list: Sequence[np.ndarray]) -> np.ndarray:
-    """(candidates, variants, images) Dice of each post-processing variant of each candidate (its kept rows), on
-    masks rebuilt from the evidence exactly as combine makes them."""
+def variant_dice(evidence: ClassEvidence, kept_list: Sequence[tuple[np.ndarray, bool]]) -> np.ndarray:
+    """(candidates, variants, images) Dice of each post-processing variant of each candidate (its kept rows, and
+    whether it keeps the always-positive pixels), on masks rebuilt from the evidence exactly as combine makes them."""
     result = np.zeros((len(kept_list), len(VARIANTS), evidence.images))
     empty = dice_from_counts(0, 0, evidence.truth_total)  # images without any member value
-    for s, kept in enumerate(kept_list):
+    for s, (kept, saturated) in enumerate(kept_list):
         result[s] = empty
-        for index, made in enumerate(image_masks(evidence, kept)):
+        for index, made in enumerate(image_masks(evidence, kept, saturated)):
             if made is None:
                 continue
             mask, truth = made
@@ -83,6 +83,8 @@ class ClassResult:
     plain_dice: float = float("nan")  # the plain rule on all OOF images
     maps: list[list[float]] = field(default_factory=list)
     """Per member, [area, soft] of its OOF maps of this class (segens.ensemble.shift)."""
+    calibration: list[list[int]] | None = None
+    """Per member, the 256-level table the recipe's setting votes with (fitted on all OOF images); None: none."""
 
     def as_plain(self) -> ClassResult:
         """This class with the plain rule as its recipe (the overall gate's fallback): its held-out figures become
@@ -90,15 +92,17 @@ class ClassResult:
         held_out = {**self.held_out, "recipe": self.held_out["plain"]} if "plain" in self.held_out else self.held_out
         cv = [{**row, "recipe": row["plain"], "recipe_level": 0.0} for row in self.cv]
         return dataclasses.replace(self, recipe_choice=self.plain_choice, postprocess=[], oof_dice=self.plain_dice,
-                                   level="plain", held_out=held_out, cv=cv)
+                                   level="plain", held_out=held_out, cv=cv, calibration=None)
 
 
 def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: np.ndarray, step: float = 0.1,
                  method: str = "grid", folds_of_images: Sequence[int] | None = None,
                  postprocess: bool = True, fallback: bool = True,
-                 patients_of_images: Sequence[str] | None = None) -> ClassResult:
+                 patients_of_images: Sequence[str] | None = None, calibrate: str = "none") -> ClassResult:
     """Search one class on its evidence: candidates on every subset of the CV plan, post-processing, held-out
-    scores and, with CV and ``fallback``, the level kept by the no-loss rule (segens.search.levels)."""
+    scores and, with CV and ``fallback``, the level kept by the no-loss rule (segens.search.levels). With
+    ``calibrate`` (segens.voting.calibration.METHODS) a mean vote's settings vote on levels calibrated on the
+    images of the subset each is chosen on."""
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     plan = None
     patients = np.asarray(patients_of_images if patients_of_images is not None
@@ -107,19 +111,25 @@ def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: 
         plan = make_plan(folds_of_images, patients)
     subsets = plan.subsets if plan is not None else make_subsets(None, evidence.images)
     members = evidence.members
-    scorer = ClassScorer(evidence, subsets, thresholds)
-    choices = strategy.search(scorer, evidence.values, step, method)
+    tables = calibration_tables(evidence, subsets, calibrate) if strategy.calibrates and calibrate != "none" else None
+    scorer = ClassScorer(evidence, subsets, thresholds, tables)
+    tuned = {"searched": strategy.search(scorer, evidence.values, step, method)}  # levels with post-processing
+    if tables is not None:
+        tuned["calibrated"] = strategy.calibrated(scorer)
     evaluations = scorer.evaluations
     equal = scorer.scores(np.ones(members))[:, HALF]  # (S,)
     singles = np.stack([scorer.scores(row)[:, HALF] for row in np.eye(members)])  # (M, S)
-    distinct = {choice.key(): choice for choice in choices.values()}
-    per_variant = variant_dice(evidence, [strategy.kept_rows(evidence.values, choice, thresholds)
-                                          for choice in distinct.values()]) if postprocess else None
+    distinct = {choice.key(): choice for chosen in tuned.values() for choice in chosen.values()}
+    saturated = np.full((members, 1), 255, np.uint8)  # the evidence's always-positive pixels
+    kept_list = [(strategy.kept_rows(evidence.values, choice, thresholds, scorer.tables_of(choice.calibration)),
+                  bool(strategy.kept_rows(saturated, choice, thresholds, scorer.tables_of(choice.calibration))[0]))
+                 for choice in distinct.values()]
+    per_variant = variant_dice(evidence, kept_list) if postprocess else None
     position = {key: i for i, key in enumerate(distinct)}
 
-    def searched(subset: int) -> tuple[list[str], np.ndarray]:
-        """Post-processing chosen on ``subset``'s images, and the per-image Dice it gives."""
-        choice = choices[subset]
+    def with_postprocessing(level: str, subset: int) -> tuple[list[str], np.ndarray]:
+        """The post-processing chosen on ``subset``'s images for ``level``'s setting, and its per-image Dice."""
+        choice = tuned[level][subset]
         if per_variant is None:
             return [], strategy.per_image(scorer, evidence.values, choice)
         variants = per_variant[position[choice.key()]]  # (V, images)
@@ -128,11 +138,11 @@ def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: 
         return list(VARIANTS[best]), variants[best]
 
     simple = strategy.simple_levels(scorer, evidence.values)  # level -> {subset: (choice, per_image)}
-    levels = [*simple, "searched"]
+    levels = [*simple, *tuned]
 
     def per_image(level: str, subset: int) -> np.ndarray:
         """(images,) Dice of ``level``'s setting chosen on ``subset``."""
-        return searched(subset)[1] if level == "searched" else simple[level][subset][1]
+        return with_postprocessing(level, subset)[1] if level in tuned else simple[level][subset][1]
 
     def decide(parts: Sequence[tuple[int, np.ndarray]]) -> str:
         """The no-loss rule on the images of ``parts`` (paired per patient)."""
@@ -163,12 +173,23 @@ def search_class(evidence: ClassEvidence, strategy: str | Strategy, thresholds: 
                     "searched": held_out_scores(plan.recipe, lambda s: per_image("searched", s), evidence.images),
                     "plain": simple["plain"][0][1], "mean": image_means, "best_member": best_scores}
         held_out = {name: [float(value) for value in values] for name, values in held_out.items()}
-    if level == "searched":
-        steps, scores = searched(0)
-        choice = choices[0]
+    if level in tuned:
+        steps, scores = with_postprocessing(level, 0)
+        choice = tuned[level][0]
     else:
         (choice, scores), steps = simple[level][0], []
     plain_choice, plain_scores = simple["plain"][0]
+    used = scorer.tables_of(choice.calibration)
     return ClassResult(evidence.channel, choice, steps, float(scores.mean()), singles[:, 0].tolist(),
                        float(equal[0]), evidence.ambiguous_pixels, evaluations, cv, level, held_out, plain_choice,
-                       float(plain_scores.mean()), shape_of(evidence.member_counts.sum(axis=0), int(evidence.pixels.sum())))
+                       float(plain_scores.mean()), shape_of(evidence.member_counts.sum(axis=0), int(evidence.pixels.sum())),
+                       None if used is None else used.tolist())
+
+
+def calibration_tables(evidence: ClassEvidence, subsets, method: str) -> dict[int, np.ndarray]:
+    """Selecting subset -> (M, 256) uint8 tables fitted on that subset's images of the class's evidence."""
+    positive, total = calibration.level_histograms(evidence.values, evidence.truth, evidence.count, evidence.image,
+                                                   evidence.images, evidence.fixed_positive,
+                                                   evidence.fixed_true_positive)
+    return {subset: calibration.fit_tables(positive, total, subsets.masks[subset], method)
+            for subset in subsets.selecting}

@@ -221,9 +221,10 @@ def extract_class(stores: Sequence[ProbabilityStore], records: Sequence[ImageRec
     return extract_classes(stores, records, [channel], thresholds)[channel]
 
 
-def image_masks(evidence: ClassEvidence, kept: np.ndarray):
+def image_masks(evidence: ClassEvidence, kept: np.ndarray, saturated: bool = True):
     """Per image: (box mask of a candidate whose rows ``kept`` says, truth in the box) or None for an image
-    without a box; the mask equals what combine makes before post-processing."""
+    without a box; the mask equals what combine makes before post-processing (``saturated``: whether the candidate
+    keeps the always-positive pixels, as every uncalibrated one does)."""
     kept_pixels = kept[evidence.row]
     starts = evidence.pixel_starts
     for index in range(evidence.images):
@@ -231,7 +232,7 @@ def image_masks(evidence: ClassEvidence, kept: np.ndarray):
             yield None
             continue
         always, truth = evidence.box_masks(index)
-        mask = always.copy()
+        mask = always.copy() if saturated else np.zeros_like(always)
         chosen = slice(starts[index], starts[index + 1])
         mask.ravel()[evidence.position[chosen][kept_pixels[chosen]]] = True
         yield mask, truth

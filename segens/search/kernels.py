@@ -50,16 +50,29 @@ def _above(histogram: np.ndarray) -> np.ndarray:
     return tail[:, 1:]
 
 
-def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """(images, K) Dice of every threshold for float32 ``weights`` (as combine uses them), exactly."""
-    products = weights.astype(np.float32)[:, None] * LEVELS[None, :]  # float32, as combine multiplies
+def weighted_dice(evidence: ClassEvidence, weights: np.ndarray, thresholds: np.ndarray,
+                  tables: np.ndarray | None = None) -> np.ndarray:
+    """(images, K) Dice of every threshold for float32 ``weights`` (as combine uses them), exactly; with
+    ``tables`` ((M, 256) uint8, segens.voting.calibration) on the members' calibrated levels. The evidence's
+    always-positive pixels (every member at 255) are then kept only where their calibrated sum beats the
+    threshold (the evidence must have been extracted with the full threshold grid)."""
+    if tables is not None and thresholds.max() < np.float32(254 / 255):  # else 'always positive' is not all 255
+        raise ValueError("calibrated scores need the evidence of the full threshold grid")
+    levels = LEVELS[None, :] if tables is None else LEVELS[tables]
+    products = weights.astype(np.float32)[:, None] * levels  # float32, as combine multiplies
     if np.any(np.diff(thresholds.astype(np.float64)) <= 2 / BUCKETS):
         raise ValueError("thresholds must be sorted and further apart than 2 / BUCKETS")
     lookup = np.searchsorted(thresholds.astype(np.float64), np.arange(BUCKETS + 1) / BUCKETS, side="left")
     padded = np.concatenate([thresholds.astype(np.float32), [np.float32(np.inf)]])
     positives, true_positives = _weighted_histograms(evidence.values, evidence.truth.view(np.uint8), evidence.count,
                                                      evidence.row_starts, products, padded, lookup.astype(np.int64))
-    return _dice_of(evidence, positives, true_positives)
+    saturated = None
+    if tables is not None:
+        total = np.float32(0)
+        for member in range(products.shape[0]):  # member by member, as combine sums
+            total = np.float32(total + products[member, 255])
+        saturated = total > thresholds.astype(np.float32)
+    return _dice_of(evidence, positives, true_positives, saturated)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -102,7 +115,11 @@ def hard_dice(evidence: ClassEvidence, member_thresholds: np.ndarray, swept: int
     return _dice_of(evidence, positives, true_positives)
 
 
-def _dice_of(evidence: ClassEvidence, positives: np.ndarray, true_positives: np.ndarray) -> np.ndarray:
-    predicted = _above(positives) + evidence.fixed_positive[:, None]
-    intersection = _above(true_positives) + evidence.fixed_true_positive[:, None]
+def _dice_of(evidence: ClassEvidence, positives: np.ndarray, true_positives: np.ndarray,
+             saturated: np.ndarray | None = None) -> np.ndarray:
+    """Dice from the ambiguous rows' histograms and the fixed pixels (``saturated`` (K,) bool: whether the
+    always-positive pixels are kept at each threshold; None: at every one)."""
+    kept = np.ones(positives.shape[1] - 1, np.int64) if saturated is None else saturated.astype(np.int64)
+    predicted = _above(positives) + evidence.fixed_positive[:, None] * kept[None, :]
+    intersection = _above(true_positives) + evidence.fixed_true_positive[:, None] * kept[None, :]
     return dice_from_counts(intersection, predicted, evidence.truth_total[:, None])

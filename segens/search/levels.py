@@ -24,9 +24,11 @@ import numpy as np
 Z = 2.0
 """Standard errors by which a level's mean per-image gain must beat the current level's (one-sided, about 2.3%
 per test for an honest standard error; measured on the null fixture: README)."""
-LEVEL_NAMES = ("plain", "threshold", "searched")
+LEVEL_NAMES = ("plain", "threshold", "searched", "calibrated")
 """Settings of a class from the simplest: the plain rule (equal weights at 0.5; hard: majority of votes at 0.5),
-the equal weights at a searched threshold (weighted only), the searched setting with its post-processing."""
+the equal weights at a searched threshold (weighted only), the searched setting with its post-processing, and
+(mean votes searched with calibration) the equal weights on calibrated maps at a searched threshold with its
+post-processing."""
 
 
 @dataclass

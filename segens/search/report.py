@@ -33,6 +33,7 @@ class SearchReport:
     choice_reason: str = ""
     notes: list[str] = field(default_factory=list)
     patients: list[str] | None = None  # each image's patient (held-out comparisons are paired per patient)
+    calibrate: str = "none"  # the calibration method the search fitted (segens.voting.calibration)
     ungated: list[ClassResult] | None = None  # where the gate wrote the plain rule: the classes as searched
 
     @property
@@ -73,7 +74,8 @@ class SearchReport:
                 key = "cv_gain_" + name.removeprefix("recipe ").replace(" ", "_")
                 summary[key], summary[f"{key}_se"] = comparison.gain, comparison.se
             for level in LEVEL_NAMES:
-                summary[f"classes_{level}"] = float(sum(c.level == level for c in self.classes))
+                if level != "calibrated" or self.calibrate != "none":
+                    summary[f"classes_{level}"] = float(sum(c.level == level for c in self.classes))
             if self.gate is not None:
                 summary["gate_gain"], summary["gate_se"] = self.gate.gain, self.gate.se
                 summary["gated"] = float(self.gated)

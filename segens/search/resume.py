@@ -39,7 +39,7 @@ from segens.voting.recipe import POSTPROCESSING
 FORMAT = 5  # bump when ClassResult or the search changes what it returns (2: JSON files instead of pickles;
 #   3: the level kept by the no-loss rule, evidence batches beside the classes; 4: each fold's recipe figure from
 #   levels chosen without that fold; 5: per-image held-out scores, one file per class for every strategy searched,
-#   the search's key inside every file)
+#   the search's key inside every file, the calibration tables of a calibrated setting)
 MAX_CLASS_FILE_BYTES = 4 << 20
 
 
@@ -107,6 +107,8 @@ class FinishedClasses:
         lengths = [choice.weights.size, len(result.member_dice), len(result.maps)]
         if choice.member_thresholds is not None:
             lengths.append(choice.member_thresholds.size)
+        if result.calibration is not None:
+            lengths.append(len(result.calibration))
         return self.members is None or (all(length == self.members for length in lengths)
                                         and (choice.min_votes is None or choice.min_votes <= self.members))
 
@@ -137,6 +139,7 @@ class _ChoiceDocument(pydantic.BaseModel):
     member_thresholds: list[_Level] | None = None
     min_votes: Annotated[int, pydantic.Field(ge=1)] | None = None
     score: _Finite
+    calibration: Annotated[int, pydantic.Field(ge=0)] | None = None
 
 
 class _ClassDocument(pydantic.BaseModel):
@@ -156,6 +159,8 @@ class _ClassDocument(pydantic.BaseModel):
     plain_choice: _ChoiceDocument | None
     plain_dice: _Finite
     maps: list[Annotated[list[_Finite], pydantic.Field(min_length=2, max_length=2)]]
+    calibration: list[Annotated[list[Annotated[int, pydantic.Field(ge=0, le=255)]],
+                                pydantic.Field(min_length=256, max_length=256)]] | None = None
 
 
 class _FileDocument(pydantic.BaseModel):
@@ -169,13 +174,14 @@ class _FileDocument(pydantic.BaseModel):
 def _choice_to_json(choice: Choice) -> dict[str, Any]:
     return {"weights": [float(w) for w in choice.weights], "threshold": int(choice.threshold),
             "member_thresholds": None if choice.member_thresholds is None else [int(i) for i in choice.member_thresholds],
-            "min_votes": None if choice.min_votes is None else int(choice.min_votes), "score": float(choice.score)}
+            "min_votes": None if choice.min_votes is None else int(choice.min_votes), "score": float(choice.score),
+            "calibration": None if choice.calibration is None else int(choice.calibration)}
 
 
 def _choice_from(document: _ChoiceDocument) -> Choice:
     return Choice(np.asarray(document.weights, dtype=np.float64), document.threshold,
                   None if document.member_thresholds is None else np.asarray(document.member_thresholds, np.int64),
-                  document.min_votes, document.score)
+                  document.min_votes, document.score, document.calibration)
 
 
 def result_to_json(result: ClassResult) -> dict[str, Any]:
@@ -189,6 +195,7 @@ def result_to_json(result: ClassResult) -> dict[str, Any]:
         "held_out": {str(k): [float(v) for v in values] for k, values in result.held_out.items()},
         "plain_choice": None if result.plain_choice is None else _choice_to_json(result.plain_choice),
         "plain_dice": float(result.plain_dice), "maps": [[float(v) for v in row] for row in result.maps],
+        "calibration": None if result.calibration is None else [[int(v) for v in row] for row in result.calibration],
     }
 
 
@@ -213,4 +220,5 @@ def _result_of(result: _ClassDocument) -> ClassResult:
         ambiguous_pixels=result.ambiguous_pixels, evaluations=result.evaluations,
         cv=[dict(fold) for fold in result.cv], level=result.level, held_out={k: list(v) for k, v in result.held_out.items()},
         plain_choice=None if result.plain_choice is None else _choice_from(result.plain_choice),
-        plain_dice=result.plain_dice, maps=[list(row) for row in result.maps])
+        plain_dice=result.plain_dice, maps=[list(row) for row in result.maps],
+        calibration=None if result.calibration is None else [list(row) for row in result.calibration])

@@ -26,6 +26,7 @@ from segens.search.resume import FinishedClasses, labels_digest, partial_root, s
 from segens.store import ProbabilityStore, open_store
 from segens.store.location import shared_location, store_options
 from segens.voting import get_strategy
+from segens.voting.calibration import METHODS as CALIBRATIONS
 from segens.voting.mean import MIN_STEP
 from segens.voting.recipe import Recipe, save_recipe
 
@@ -33,11 +34,11 @@ METHODS = ("grid", "caruana")
 
 
 def _one_class(source: ClassEvidence | ClassOnDisk, strategies, step, method, folds_of_images, postprocess,
-               fallback, patients) -> dict[str, ClassResult]:
+               fallback, patients, calibrate="none") -> dict[str, ClassResult]:
     """One class searched with every strategy asked for, on its evidence loaded once."""
     evidence = source.load() if isinstance(source, ClassOnDisk) else source
     return {name: search_class(evidence, name, threshold_grid(), step, method, folds_of_images, postprocess, fallback,
-                               patients) for name in strategies}
+                               patients, calibrate) for name in strategies}
 
 
 def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], settings: dict) -> Recipe:
@@ -58,6 +59,10 @@ def build_recipe(report: SearchReport, stores: Sequence[ProbabilityStore], setti
     fields = get_strategy(report.strategy).recipe_fields([r.recipe_choice for r in results], thresholds, len(stores))
     for name, value in fields.items():
         setattr(recipe, name, value)
+    if any(result.calibration is not None for result in results):
+        recipe.calibration = {"method": settings["calibrate"], "tables": {
+            name: [None if r.calibration is None else r.calibration[m] for r in results]
+            for m, name in enumerate(report.members)}}
     return recipe
 
 
@@ -66,11 +71,14 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
                    cv: bool = False, jobs: int = 1, postprocess: bool = True, progress: bool = True,
                    backend: str = "local", scheduler: str | None = None,
                    storage_options: dict | None = None, overwrite: bool = False,
-                   also_written: Sequence[Output] = (), fallback: bool = True) -> SearchReport:
+                   also_written: Sequence[Output] = (), fallback: bool = True,
+                   calibrate: str = "none") -> SearchReport:
     """Search every class, write ``out`` (recipe.json), return the report. The OOF evidence (each store and
     label file read once) and each finished class are kept beside ``out`` until the recipe is written, so a
     killed search run again with the same inputs resumes. With ``cv`` and ``fallback``, a class keeps a searched
-    setting only where the held-out folds show it pays (``search.choose_level``).
+    setting only where the held-out folds show it pays (``search.choose_level``). ``calibrate`` (isotonic or platt)
+    fits each member's calibration per class on the OOF images (on the training folds only, for every held-out
+    figure) and offers mean votes on the calibrated maps as one more level of that rule.
 
     ``out`` and ``also_written`` (the caller's report files) are checked before any work: an existing file is
     replaced only with ``overwrite``, an input never.
@@ -89,6 +97,11 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         raise SegensError("--strategy auto picks the strategy by held-out scores: it needs --cv (and --folds)")
     if method not in METHODS:
         raise SegensError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if calibrate not in CALIBRATIONS:
+        raise SegensError(f"unknown --calibrate {calibrate!r}; choose from {', '.join(CALIBRATIONS)}")
+    if calibrate != "none" and not any(voting.calibrates for voting in votings):
+        raise SegensError(f"--calibrate {calibrate} changes no vote of strategy {strategy} (a member votes at its own "
+                          "searched threshold, and a calibration is monotone); use it with soft, weighted or auto")
     if not MIN_STEP <= step <= 0.5:  # NaN fails too; a finer grid changes no 8-bit vote and would not end
         raise SegensError(f"--step must be a number in [{MIN_STEP}, 0.5], got {step}")
     locations = [shared_location(url, backend) for url in store_urls]
@@ -114,6 +127,8 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     settings = {"step": step, "method": method, "thresholds": "255 midpoints (k + 0.5) / 255", "cv": cv,
                 "fallback": bool(cv and fallback),
                 "postprocess_search": postprocess, "images": len(keys), "folds": str(folds_path) if folds_path else None}
+    if calibrate != "none":
+        settings["calibrate"] = calibrate
     key = search_key(stores, keys, folds_of_images, {**settings, "strategy": strategy},
                      labels_digest([record.label_path for record in records]))
     finished = FinishedClasses(out, key, members=len(stores), strategies=strategies)
@@ -128,7 +143,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
         sources = (ClassOnDisk(evidence_folder, channel, len(records), len(stores)) for channel in range(NUM_CLASSES)
                    if channel not in done)
         tasks = (delayed(_one_class)(source if backend == "local" else source.load(), strategies, step, method,
-                                     folds_of_images, postprocess, fallback, patients) for source in sources)
+                                     folds_of_images, postprocess, fallback, patients, calibrate) for source in sources)
         resumed = f", {len(done)} resumed" if done else ""
         task = bar.add_task(f"search ({strategy}, {len(keys)} images{resumed})", total=NUM_CLASSES, completed=len(done))
         for results in Parallel(n_jobs=n_jobs(backend, jobs), return_as="generator_unordered")(tasks):
@@ -137,7 +152,9 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
             bar.update(task, advance=1)
     members = [store.member for store in stores]
     reports = {name: SearchReport(name, members, [by_class[channel][name] for channel in range(NUM_CLASSES)],
-                                  fallback=settings["fallback"], patients=patients) for name in strategies}
+                                  fallback=settings["fallback"], patients=patients,
+                                  calibrate=calibrate if get_strategy(name).calibrates else "none")
+               for name in strategies}
     for candidate in reports.values():
         candidate.apply_gate()
     chosen, why = choose_strategy({name: r.classes for name, r in reports.items()}, patients) if strategy == "auto" \

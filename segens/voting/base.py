@@ -36,6 +36,8 @@ class Settings:
     member_thresholds: np.ndarray  # (29, M) float32, hard: a member votes where p > its threshold
     min_votes: np.ndarray | None  # (29,) float64, hard: keep votes >= min_votes; None: votes > half the weight
     postprocess: list[list[str]] = field(default_factory=lambda: [[] for _ in CLASSES])
+    tables: list[np.ndarray | None] | None = None
+    """Per class, (M, 256) uint8 calibration tables (segens.voting.calibration) or None: the stored levels."""
 
 
 @dataclass
@@ -48,10 +50,11 @@ class Choice:
     member_thresholds: np.ndarray | None = None  # (M,) int indices, hard only
     min_votes: int | None = None
     score: float = float("nan")  # mean Dice on the subset it was chosen on, before post-processing
+    calibration: int | None = None  # the subset whose calibration tables it votes with; None: the stored levels
 
     def key(self) -> tuple:
         hard = None if self.member_thresholds is None else tuple(self.member_thresholds.tolist())
-        return tuple(self.weights.tolist()), self.threshold, hard, self.min_votes
+        return tuple(self.weights.tolist()), self.threshold, hard, self.min_votes, self.calibration
 
 
 def best_cell(scores: np.ndarray) -> tuple[int, int]:
@@ -70,12 +73,16 @@ class Scorer(Protocol):
     members: int
     thresholds: np.ndarray  # (K,) float32, sorted
     selecting: list[int]  # the subsets a setting is chosen on ('all', then each fold's training folds)
+    calibrating: bool  # whether calibration tables were fitted (one set per selecting subset)
+
+    def tables_of(self, calibration: int | None) -> np.ndarray | None:
+        """(M, 256) uint8 tables fitted on subset ``calibration`` (None: the stored levels)."""
 
     def scores(self, weights: np.ndarray) -> np.ndarray:
-        """(S, K) mean Dice over each subset of weighted voting with raw ``weights`` (cached)."""
+        """(S, K) mean Dice over each subset of weighted voting with raw ``weights`` (cached; stored levels)."""
 
-    def weighted_per_image(self, weights: np.ndarray) -> np.ndarray:
-        """(images, K) Dice of weighted voting with normalised float32 ``weights``."""
+    def weighted_per_image(self, weights: np.ndarray, calibration: int | None = None) -> np.ndarray:
+        """(images, K) Dice of weighted voting with normalised float32 ``weights`` (on a calibration's levels)."""
 
     def hard_per_image(self, member_thresholds: np.ndarray, swept: int, votes: int) -> np.ndarray:
         """(images, K) Dice of hard voting (unit votes, >= ``votes``), member ``swept``'s threshold swept."""
@@ -100,6 +107,19 @@ class Strategy(ABC):
     """True: weights count as votes (raw, float32), not as a normalised mean."""
     equal_weights: ClassVar[bool] = False
     """True: every member weighs the same, whatever a recipe or --weights say."""
+    calibrates: ClassVar[bool] = False
+    """True: its votes change with calibrated levels (a mean does; a vote at a member's own searched threshold
+    does not, a calibration being monotone), so the search offers the 'calibrated' level."""
+
+    def ladder(self, calibrating: bool) -> tuple[str, ...]:
+        """The no-loss rule's levels of a search, from the simplest: ``levels``, then 'calibrated' when the search
+        calibrates a strategy whose votes it changes (calibration is kept only where it beats the best of the
+        others on held-out images)."""
+        return (*self.levels, "calibrated") if calibrating and self.calibrates else self.levels
+
+    def calibrated(self, scorer: Scorer) -> dict[int, Choice]:
+        """The calibrated level's setting chosen on each selecting subset (strategies that ``calibrates``)."""
+        raise NotImplementedError(f"strategy {self.name} does not vote on calibrated levels")
 
     # ---- combine --------------------------------------------------------------------------------------------
 
@@ -157,8 +177,11 @@ class Strategy(ABC):
                                   f"finite number > 0, got {votes[bad][0]}")
         final = raw.astype(np.float32) if self.vote_weights else normalise_weights(raw)
         postprocess = recipe.postprocess if recipe is not None else [[] for _ in CLASSES]
+        tables = None
+        if recipe is not None and recipe.calibration is not None and self.calibrates:
+            tables = [recipe.class_tables(list(members), channel) for channel in range(NUM_CLASSES)]
         return Settings(self.name, final, thresholds.astype(np.float32), member_thresholds.astype(np.float32), votes,
-                        postprocess)
+                        postprocess, tables)
 
     @abstractmethod
     def keep(self, values: Sequence[np.ndarray | None], settings: Settings, channel: int,
@@ -171,12 +194,15 @@ class Strategy(ABC):
     def check_search(self, step: float, members: int) -> None:
         """A SegensError, before any work, for search settings this strategy cannot use."""
 
-    def kept_rows(self, values: np.ndarray, choice: Choice, thresholds: np.ndarray) -> np.ndarray:
-        """(R,) bool: the evidence rows ((M, R) uint8 values) that ``choice`` keeps, as combine keeps pixels."""
-        return self.keep(list(values), self.choice_settings(choice, thresholds, values.shape[0]), 0,
+    def kept_rows(self, values: np.ndarray, choice: Choice, thresholds: np.ndarray,
+                  tables: np.ndarray | None = None) -> np.ndarray:
+        """(R,) bool: the evidence rows ((M, R) uint8 values) that ``choice`` keeps, as combine keeps pixels (with
+        ``tables``: the choice's calibration tables, (M, 256) uint8)."""
+        return self.keep(list(values), self.choice_settings(choice, thresholds, values.shape[0], tables), 0,
                          np.ones(values.shape[0], bool))
 
-    def choice_settings(self, choice: Choice, thresholds: np.ndarray, members: int) -> Settings:
+    def choice_settings(self, choice: Choice, thresholds: np.ndarray, members: int,
+                        tables: np.ndarray | None = None) -> Settings:
         """Settings (class 0 set) that apply ``choice`` the way combine applies a recipe of it."""
         from segens.voting.rules import normalise_weights
 
@@ -188,7 +214,8 @@ class Strategy(ABC):
         if choice.member_thresholds is not None:
             member[0] = thresholds[choice.member_thresholds]
         votes = None if choice.min_votes is None else np.full(NUM_CLASSES, float(choice.min_votes))
-        return Settings(self.name, weights, chosen, member, votes)
+        calibration = None if tables is None else [tables] + [None] * (NUM_CLASSES - 1)
+        return Settings(self.name, weights, chosen, member, votes, tables=calibration)
 
     def search(self, scorer: Scorer, evidence_values: np.ndarray, step: float, method: str) -> dict[int, Choice]:
         """The setting chosen on each selecting subset. Default: equal weights, the threshold swept."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from segens.errors import SegensError
+from segens.voting import calibration
 from segens.voting.base import HALF, Choice, Scorer, Settings, Strategy, best_cell
 from segens.voting.rules import normalise_weights, weighted_keep
 
@@ -107,12 +108,17 @@ def caruana(scorer: Scorer, subset: int, start: int = 3, rounds: int = 25) -> Ch
 class MeanVote(Strategy):
     """sum_m w_m * p_m > threshold, weights normalised per class. Subclasses say which weights are searched."""
 
+    calibrates = True
+
     def keep(self, values: Sequence[np.ndarray | None], settings: Settings, channel: int,
              present: np.ndarray) -> np.ndarray:
         weights = settings.weights[channel]
         if not present.all():  # the members present share the weight
             kept = np.where(present, weights.astype(np.float64), 0.0)
             weights = (kept / kept.sum()).astype(np.float32)
+        tables = None if settings.tables is None else settings.tables[channel]
+        if tables is not None:  # each member's calibrated levels, voted on exactly as stored ones
+            values = [calibration.apply(value, table) for value, table in zip(values, tables)]
         return weighted_keep(values, weights, settings.thresholds[channel])
 
     def search(self, scorer: Scorer, evidence_values: np.ndarray, step: float, method: str) -> dict[int, Choice]:
@@ -121,7 +127,7 @@ class MeanVote(Strategy):
         return {subset: choose(scorer, candidates, subset) for subset in scorer.selecting}
 
     def per_image(self, scorer: Scorer, evidence_values: np.ndarray, choice: Choice) -> np.ndarray:
-        return scorer.weighted_per_image(normalise_weights(choice.weights))[:, choice.threshold]
+        return scorer.weighted_per_image(normalise_weights(choice.weights), choice.calibration)[:, choice.threshold]
 
     def simple_levels(self, scorer: Scorer, evidence_values: np.ndarray) -> dict[str, dict[int, tuple[Choice, np.ndarray]]]:
         """'plain' (equal weights at 0.5) and, where it is one of the levels, 'threshold' (equal weights at the
@@ -139,6 +145,18 @@ class MeanVote(Strategy):
                 levels["threshold"][subset] = (Choice(equal, index, score=float(means[subset, index])),
                                                table[:, index])
         return levels
+
+    def calibrated(self, scorer: Scorer) -> dict[int, Choice]:
+        """Per selecting subset: the equal weights on the levels calibrated on that subset, at its best threshold
+        (a mean of calibrated members, which weights cannot replace: they can silence a member, not use it)."""
+        equal = normalise_weights(np.full(scorer.members, 1.0 / scorer.members))
+        choices = {}
+        for subset in scorer.selecting:
+            means = scorer.means(scorer.weighted_per_image(equal, subset))[subset]
+            _, index = best_cell(means[None])
+            choices[subset] = Choice(np.full(scorer.members, 1.0 / scorer.members), index, score=float(means[index]),
+                                     calibration=subset)
+        return choices
 
     def report_columns(self, choice: Choice, thresholds: np.ndarray) -> dict[str, object]:
         weights = choice.weights / choice.weights.sum()

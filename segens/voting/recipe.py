@@ -10,9 +10,12 @@ the only reader and writer of the format.
  "min_votes": [2.0, ...],                                    // hard: per class, keep votes >= min_votes
  "postprocess": [["largest_component", "fill_holes"], ...],  // per class
  "maps": {"vgg": [[area, soft], ...], ...},                  // what the OOF maps looked like (ensemble/shift.py)
+ "calibration": {"method": "isotonic",                       // only where the search calibrated (soft, weighted):
+                 "tables": {"vgg": [[0, 0, 1, ...], null, ...], ...}},  // per member, per class 256 levels or null
  "oof_dice": {...}, "search": {...}}                         // what the search measured, and its settings
 ```
-Version 1 recipes (no ``maps``) are still read.
+A calibration table maps a member's stored level v to ``table[v]`` before voting (segens.voting.calibration); a
+null entry keeps the member's stored levels for that class. Version 1 recipes (no ``maps``) are still read.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Recipe:
     min_votes: list[float] | None = None  # (29,), hard only
     postprocess: list[list[str]] = field(default_factory=lambda: [[] for _ in CLASSES])
     maps: dict[str, list[list[float]]] | None = None  # member -> per class [area, soft] of its OOF maps
+    calibration: dict[str, Any] | None = None  # {"method": str, "tables": {member: per class 256 levels or None}}
     oof_dice: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
 
@@ -64,11 +68,26 @@ class Recipe:
     def member_names(self) -> list[str]:
         return [member["name"] for member in self.members]
 
+    def class_tables(self, members: list[str], channel: int) -> np.ndarray | None:
+        """(M, 256) uint8 calibration tables of class ``channel`` for ``members`` (in that order; a member without a
+        table keeps its stored levels), or None where no member of the class is calibrated."""
+        from segens.voting.calibration import IDENTITY
+
+        if self.calibration is None:
+            return None
+        tables = self.calibration["tables"]
+        rows = [tables.get(name, [None] * NUM_CLASSES)[channel] for name in members]
+        if all(row is None for row in rows):
+            return None
+        return np.stack([IDENTITY if row is None else np.asarray(row, np.uint8) for row in rows])
+
     def to_dict(self) -> dict[str, Any]:
-        return {"version": RECIPE_VERSION, "strategy": self.strategy, "members": self.members,
-                "weights": self.weights, "thresholds": self.thresholds, "member_thresholds": self.member_thresholds,
-                "min_votes": self.min_votes, "postprocess": self.postprocess, "maps": self.maps,
-                "oof_dice": self.oof_dice, "search": self.search}
+        document = {"version": RECIPE_VERSION, "strategy": self.strategy, "members": self.members,
+                    "weights": self.weights, "thresholds": self.thresholds, "member_thresholds": self.member_thresholds,
+                    "min_votes": self.min_votes, "postprocess": self.postprocess, "maps": self.maps}
+        if self.calibration is not None:
+            document["calibration"] = self.calibration
+        return document | {"oof_dice": self.oof_dice, "search": self.search}
 
 
 class _Strict(BaseModel):
@@ -80,6 +99,14 @@ class RecipeMember(_Strict):
 
     name: str = Field(min_length=1, max_length=256)
     checkpoints: dict[str, str] = Field(default_factory=dict)
+
+
+class CalibrationDocument(_Strict):
+    """A recipe's calibration: the method fitted and, per member, one 256-level table (or null) per class."""
+
+    method: Literal["isotonic", "platt"]
+    tables: dict[str, list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=256, max_length=256)]
+                            | None]]
 
 
 class RecipeDocument(_Strict):
@@ -95,6 +122,7 @@ class RecipeDocument(_Strict):
     postprocess: list[list[Literal[POSTPROCESSING]]] | None = None  # type: ignore[valid-type]
     maps: dict[str, list[Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]],
                                    Field(min_length=2, max_length=2)]]] | None = None
+    calibration: CalibrationDocument | None = None
     oof_dice: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Any] = Field(default_factory=dict)
 
@@ -165,14 +193,40 @@ def recipe_from_dict(document: Any, where: str) -> Recipe:
         _check_rows(rows, 2, f"maps.{member}", where)
     if parsed.weights is not None:
         check_class_weights(np.array(parsed.weights), registry.get_strategy(parsed.strategy).vote_weights, where)
+    calibration = None
+    if parsed.calibration is not None:
+        calibration = {"method": parsed.calibration.method, "tables": _check_calibration(parsed, names, where)}
     return Recipe(
         strategy=parsed.strategy, members=[member.model_dump() for member in parsed.members],
         weights=parsed.weights, thresholds=parsed.thresholds, member_thresholds=parsed.member_thresholds,
         min_votes=parsed.min_votes,
         postprocess=[list(steps) for steps in parsed.postprocess or [[] for _ in CLASSES]],
         maps=None if parsed.maps is None else {member: [list(row) for row in rows] for member, rows in parsed.maps.items()},
-        oof_dice=dict(parsed.oof_dice), search=dict(parsed.search),
+        calibration=calibration, oof_dice=dict(parsed.oof_dice), search=dict(parsed.search),
     )
+
+
+def _check_calibration(parsed: RecipeDocument, names: list[str], where: str) -> dict[str, list[list[int] | None]]:
+    """The calibration tables, checked: a strategy whose votes they change, known members, one entry per class, each
+    table monotone from 0 (segens.voting.calibration.check_table)."""
+    from segens.voting.calibration import check_table
+
+    if not registry.get_strategy(parsed.strategy).calibrates:
+        raise SegensError(f"{where}: strategy {parsed.strategy!r} does not vote on calibrated levels (a monotone "
+                          "calibration changes no vote at a member's own threshold); remove 'calibration'")
+    tables = {}
+    for member, rows in parsed.calibration.tables.items():
+        if member not in names:
+            raise SegensError(f"{where}: 'calibration' names {member!r}, which is not one of the recipe's members")
+        _check_rows(rows, None, f"calibration.tables.{member}", where)
+        for channel, row in enumerate(rows):
+            if row is not None:
+                try:
+                    check_table(row, f"{where}: calibration of {member}, class {CLASSES[channel]}")
+                except ValueError as exc:
+                    raise SegensError(str(exc)) from None
+        tables[member] = [None if row is None else list(row) for row in rows]
+    return tables
 
 
 def load_recipe(path: str | Path) -> Recipe:
