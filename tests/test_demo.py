@@ -54,7 +54,7 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     files |= {"plain mean of members, at 0.5": "submission_plain_mean.csv", "majority vote, at 0.5":
               "submission_majority.csv", f"searched recipe ({strategy})": "submission.csv",
               f"searched recipe ({strategy}), per fold": "submission_per_fold.csv"}
-    files |= {row: f"submission_{stem}.csv" for stem, (_, _, row, _) in COMPARED.items()}
+    files |= {row: f"submission_{stem}.csv" for stem, (_, _, row) in COMPARED.items()}
     assert set(rows) == set(files)
     for what, csv in files.items():
         assert rows[what]["dice"] == pytest.approx(_reference_test_dice(out / csv, root), abs=1e-9), what
@@ -86,7 +86,9 @@ def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
     assert summary["verdict"] == recipe["oof_dice"]["verdict"]
     assert set(summary["calibration"]) == set(members)
     assert all(0 <= value <= 1 for pair in summary["calibration"].values() for value in pair)
-    for name in ("dice.png", "search_report.png", "overlay.png", "reliability.png"):
+    assert len(summary["qc"]["suspicious"]) == 5 and set(summary["qc"]) == {"oof", "test", "suspicious"}
+    assert "most suspicious test predictions" in flat(result.output)
+    for name in ("dice.png", "search_report.png", "overlay.png", "reliability.png", "qc.png"):
         picture = cv2.imread(str(out / name))
         assert picture is not None and picture.shape[0] > 500 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 20, name
     assert "time: total" in flat(result.output) and "recipe - plain mean, held out" in flat(result.output)

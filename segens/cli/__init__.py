@@ -7,7 +7,7 @@ recipe, combine, evaluate and look at the result.
 
 # each module registers its command with the app, in this order
 from segens.cli import demo, synth, selfcheck, folds, train_member, predict_member, inspect  # noqa: F401, I001
-from segens.cli import search_weights, combine, evaluate, show  # noqa: F401, I001
+from segens.cli import search_weights, combine, evaluate, qc, show  # noqa: F401, I001
 from segens.cli._app import app, main
 
 __all__ = ["app", "main"]

@@ -25,8 +25,9 @@ def demo(
     (the folds' mean, and each fold model's own), searches each member's thresholds and the ensemble's recipe on
     OOF (`--strategy auto --calibrate isotonic --cv`: the strategy and each class's level picked on held-out
     images; weighted and calibrated recipes beside it), combines the plain mean, the majority vote and the
-    recipes, scores everything on the test labels and shows each member's calibration error (ECE). Ends with one table
-    and the verdict; writes the submission, the recipes, the Dice plot and an overlay. `--device cuda` uses larger
+    recipes, scores everything on the test labels, shows each member's calibration error (ECE) and names the
+    most suspicious test predictions (`ens qc`). Ends with one table and the verdict; writes the submission, the
+    recipes, the Dice plot, the qc plot and an overlay. `--device cuda` uses larger
     images, inputs and step budgets with mixed precision.
 
     Example: `ens demo --out demo`   (under 15 minutes on 2 CPU cores; `--quick` under 3)
@@ -38,6 +39,8 @@ def demo(
     output.print(result.verdict, markup=False, highlight=False)
     for warning in result.warnings:
         console.print(f"warning: {warning}", markup=False, highlight=False)
+    if result.qc:
+        output.print(qc_lines(result.qc), markup=False, highlight=False)
     for name, path in result.files.items():
         output.print(f"{name}: {path}", markup=False, highlight=False)
 
@@ -53,6 +56,18 @@ class _Printed:
 
     def note(self, text: str) -> None:
         console.print(text, markup=False, highlight=False)
+
+
+def qc_lines(qc: dict) -> str:
+    """The most suspicious test predictions and how well qc's score ranked errors, in a few lines."""
+    lines = [f"The {len(qc['suspicious'])} most suspicious test predictions (ens qc; test Dice in brackets):"]
+    lines += [f"  {entry['image']} {entry['class']}: score {entry['score']:.2f} (Dice {entry['dice']:.3f})"
+              for entry in qc["suspicious"]]
+    for split in ("oof", "test"):
+        figures = qc[split]
+        lines.append(f"qc against the {split.upper()} labels: Spearman {figures['spearman']:+.2f} (score vs Dice), "
+                     f"recall of the worst 5% {figures['recall_at_5']:.0%} (chance {figures['chance_recall']:.0%})")
+    return "\n".join(lines)
 
 
 def demo_table(result) -> Table:

@@ -32,11 +32,13 @@ from segens.synth import generate
 
 STEPS = ("synthetic data", "folds", "train members", "predict OOF and test stores", "search member thresholds",
          "search the recipe (auto, calibrated, with CV)", "search weighted and calibrated recipes", "combine",
-         "evaluate on the test labels", "calibration error", "plots and overlay")
-COMPARED = {"weighted": ("weighted", "none", "searched weighted vote", "weights, no calibration"),
-            "calibrated_soft": ("soft", "isotonic", "calibrated soft vote", "mean of calibrated"),
-            "calibrated_weighted": ("weighted", "isotonic", "calibrated weighted vote", "weights or calibration")}
-"""Recipes searched beside the main one, for the table: file stem -> (strategy, calibration, row, how)."""
+         "evaluate on the test labels", "calibration error", "quality control (qc)", "plots and overlay")
+COMPARED = {"weighted": ("weighted", "none", "searched weighted vote"),
+            "calibrated_soft": ("soft", "isotonic", "calibrated soft vote"),
+            "calibrated_weighted": ("weighted", "isotonic", "calibrated weighted vote")}
+"""Recipes searched beside the main one, for the table: file stem -> (strategy, calibration, row)."""
+SUSPICIOUS = 5
+"""How many of the most suspicious test predictions the demo names."""
 
 
 @dataclass
@@ -64,11 +66,23 @@ class DemoResult:
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per member: its calibration error (ECE, all classes' pixels) on the test maps, as stored and after an isotonic
     calibration fitted on its OOF maps."""
+    qc: dict[str, Any] = field(default_factory=dict)
+    """``ens qc`` with the recipe: its validation against the labels on OOF and on test (Spearman, recall at 5%),
+    and the most suspicious test predictions (image, class, score, true Dice)."""
     seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
     def dice(self, what: str) -> float:
         return next(row.dice for row in self.rows if row.what == what)
+
+
+def holds(report) -> str:
+    """What a recipe holds, in a few words: gated to the plain rule, or how many classes moved from it."""
+    if report.gated:
+        return "gated: the plain rule"
+    moved = sum(result.level != "plain" for result in report.classes)
+    calibrated = sum(result.level == "calibrated" for result in report.classes)
+    return f"{moved} classes searched" + (f", {calibrated} calibrated" if calibrated else "")
 
 
 class DemoProgress(Protocol):
@@ -147,10 +161,13 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
     report = step(6, lambda: search_weights(oof, root, folds_path, out / "recipe.json", strategy="auto",
                                             step=config.step, cv=True, jobs=2, overwrite=True, calibrate="isotonic"))
 
+    held = {}
+
     def compared() -> None:
-        for stem, (strategy, calibrate, _, _) in COMPARED.items():
-            search_weights(oof, root, folds_path, out / f"recipe_{stem}.json", strategy=strategy, step=config.step,
-                           cv=True, jobs=2, overwrite=True, calibrate=calibrate, progress=False)
+        for stem, (strategy, calibrate, _) in COMPARED.items():
+            held[stem] = holds(search_weights(oof, root, folds_path, out / f"recipe_{stem}.json", strategy=strategy,
+                                              step=config.step, cv=True, jobs=2, overwrite=True, calibrate=calibrate,
+                                              progress=False))
     step(7, compared)
     result.strategy, result.verdict = report.strategy, report.verdict()
     found = report.comparisons()["recipe over mean"]
@@ -179,7 +196,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
                    for name in specs]
         scored += [("plain mean of members, at 0.5", "submission_plain_mean.csv", "soft vote"),
                    ("majority vote, at 0.5", "submission_majority.csv", "hard vote"),
-                   *((row, f"submission_{stem}.csv", how) for stem, (_, _, row, how) in COMPARED.items()),
+                   *((row, f"submission_{stem}.csv", held[stem]) for stem, (_, _, row) in COMPARED.items()),
                    (f"searched recipe ({report.strategy})", "submission.csv", "the folds' mean maps"),
                    (f"searched recipe ({report.strategy}), per fold", "submission_per_fold.csv",
                     "each fold's own maps")]
@@ -206,6 +223,21 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
         result.files["reliability"] = str(plot_reliability(before, out / "reliability.png", after))
     step(10, calibration_error)
 
+    def quality_control() -> None:
+        from segens.conventions.classes import CLASSES
+        from segens.ensemble.qc import quality_control as judge
+
+        result.qc["oof"] = judge(oof, out / "recipe.json", root, out / "qc_oof.csv", jobs=2, progress=False,
+                                 overwrite=True).validation
+        tested = judge(test, out / "recipe.json", root, out / "qc.csv", plot=out / "qc.png", jobs=2, progress=False,
+                       overwrite=True)
+        result.qc["test"] = tested.validation
+        result.qc["suspicious"] = [{"image": row.image, "class": CLASSES[row.channel], "score": row.score,
+                                    "dice": row.dice} for row in tested.ranked()[:SUSPICIOUS]]
+        result.files["qc"] = str(out / "qc.csv")
+        result.files["qc plot"] = str(out / "qc.png")
+    step(11, quality_control)
+
     def pictures() -> None:
         from segens.conventions.dataset import discover
         from segens.ensemble.overlay import draw_overlay
@@ -217,9 +249,10 @@ def run_demo(out: str | Path = "demo", quick: bool = False, device: str = "cpu",
         result.files["recipe"] = str(out / "recipe.json")
         record = discover(root, "test").records[0]
         result.files["overlay"] = str(draw_overlay(record.key, root, [out / "submission.csv"], out / "overlay.png"))
-    step(11, pictures)
+    step(12, pictures)
     (out / "demo_result.json").write_text(json.dumps(
         {"config": result.config, "rows": [asdict(row) for row in result.rows], "strategy": result.strategy,
          "held_out": result.held_out, "test_gain": result.test_gain, "verdict": result.verdict,
-         "warnings": result.warnings, "calibration": result.calibration, "seconds": result.seconds, "files": result.files}, indent=1))
+         "warnings": result.warnings, "calibration": result.calibration, "qc": result.qc, "seconds": result.seconds,
+         "files": result.files}, indent=1))
     return result
