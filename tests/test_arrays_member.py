@@ -77,8 +77,9 @@ def test_nnunet_style_npz_at_half_size_in_another_order(project: Path, tmp_path:
     order = list(reversed(range(NUM_CLASSES)))
     small = {key: cv2.resize(values.transpose(1, 2, 0), (values.shape[2] // 2, values.shape[1] // 2),
                              interpolation=cv2.INTER_AREA).transpose(2, 0, 1) for key, values in maps.items()}
-    save_all(tmp_path / "nn", small, lambda m: m[order][:, None], ".npz", "probabilities")
-    spec = write_spec(tmp_path, "nn", {"test": "nn/{key}.npz", "array": "probabilities"},
+    flat = {key.rsplit("/", 1)[-1]: values for key, values in small.items()}  # nnU-Net's flat case files
+    save_all(tmp_path / "nn", flat, lambda m: m[order][:, None], ".npz", "probabilities")
+    spec = write_spec(tmp_path, "nn", {"test": "nn/{stem}.npz", "array": "probabilities"},
                       classes=[CLASSES[index] for index in order], input={"resize": "bilinear"})
     result = stored(project, spec, "test", tmp_path / "nn.test.zarr")
     for key, values in small.items():
@@ -128,7 +129,7 @@ def test_bad_files_give_one_clear_error(project: Path, tmp_path: Path) -> None:
     save_all(tmp_path / "extra", {**maps, "ID999/image1": maps[keys[0]]}, lambda m: m)
     attempt("extra", {"test": "extra/{key}.npy"}, "array of image ID999/image1, which is not in the test images")
     attempt("scaled", {"test": "logit/{key}.npy", "scale": 255}, "model.scale must be 1")
-    for model, match in [({"test": "preds/test.npy"}, "must be a path with {key} once"),
+    for model, match in [({"test": "preds/test.npy"}, "must be a path with {key} or {stem} once"),
                          ({"test": "p/{key}.npy", "values": "odds"}, "probabilities or logits"),
                          ({"test": "p/{key}.npy", "weights": 1}, "unknown model field"),
                          ({}, "needs model.oof or model.test")]:

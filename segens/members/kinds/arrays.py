@@ -8,7 +8,7 @@ name: team-npy
 kind: arrays
 model:
   oof: preds/oof/{key}.npy     # {key}: the image's relative path without extension, ID001/image1661130828152
-  test: preds/test/{key}.npy
+  test: preds/test/{key}.npy   # or {stem}: its file name without extension, image1661130828152 (flat folders)
   array: probabilities         # .npz only: the array's name (optional when the file holds one array)
   values: probabilities        # probabilities | logits
   scale: 1                     # integer arrays: divide by this (255 for uint8, 65535 for uint16); floats: 1
@@ -55,6 +55,8 @@ VALUES = ("probabilities", "logits")
 IDENTITY_FORMAT = "segens-arrays-member/1"
 DTYPES = ("float16", "float32", "float64", "uint8", "uint16")
 KEY = "{key}"
+STEM = "{stem}"
+PLACEHOLDERS = (KEY, STEM)
 
 
 @register("arrays")
@@ -74,10 +76,10 @@ class ArraysMember(ImportedMember):
     def parse_model(self, section: dict[str, Any]) -> dict[str, Any]:
         for split in SPLIT_FIELDS:
             pattern = section.get(split)
-            if pattern is not None and (not isinstance(pattern, str) or pattern.count(KEY) != 1
-                                        or not pattern.endswith((".npy", ".npz"))):
-                raise SegensError(f"{self.where}: model.{split} must be a path with {KEY} once, ending in .npy or "
-                                  f".npz (e.g. preds/{split}/{KEY}.npy), got {pattern!r}")
+            if pattern is not None and (not isinstance(pattern, str) or not pattern.endswith((".npy", ".npz"))
+                                        or sorted(pattern.count(mark) for mark in PLACEHOLDERS) != [0, 1]):
+                raise SegensError(f"{self.where}: model.{split} must be a path with {KEY} or {STEM} once, ending in "
+                                  f".npy or .npz (e.g. preds/{split}/{KEY}.npy), got {pattern!r}")
         if not any(split in section for split in SPLIT_FIELDS):
             raise SegensError(f"{self.where}: an arrays member needs model.oof or model.test (a path pattern with "
                               f"{KEY})")
@@ -101,15 +103,29 @@ class ArraysMember(ImportedMember):
                               f"model: {{{split}: preds/{split}/{KEY}.npy}})")
         return self.model_settings[split]
 
-    def path_of(self, split: str, key: str) -> Path:
-        """The file of an image (relative patterns taken from the spec's folder)."""
-        path = Path(self.pattern(split).replace(KEY, key))
+    def placeholder(self, split: str) -> str:
+        """The split's pattern's placeholder: {key} or {stem}."""
+        return KEY if KEY in self.pattern(split) else STEM
+
+    def name_of(self, split: str, record: ImageRecord) -> str:
+        """What the split's placeholder stands for in an image's file: its key or its file name's stem."""
+        return record.key if self.placeholder(split) == KEY else Path(record.name).stem
+
+    def path_of(self, split: str, name: str) -> Path:
+        """The file of an image named ``name`` (``name_of``; relative patterns taken from the spec's folder)."""
+        path = Path(self.pattern(split).replace(self.placeholder(split), name))
         base = self.spec.path.parent if self.spec.path else Path.cwd()
         return path if path.is_absolute() else base / path
 
     def files(self, split: str, records: Sequence[ImageRecord]) -> dict[str, Path]:
-        """key -> file of every record; a missing file, or a file no record names, is an error naming it."""
-        found = {record.key: self.path_of(split, record.key) for record in records}
+        """name -> file of every record; a missing file, or a file no record names, is an error naming it."""
+        found: dict[str, Path] = {}
+        for record in records:
+            name = self.name_of(split, record)
+            if name in found:
+                raise SegensError(f"{self.where}: two {split} images are named {name!r} ({record.key} and another); "
+                                  f"{STEM} cannot tell them apart: use {KEY}")
+            found[name] = self.path_of(split, name)
         missing = [key for key, path in found.items() if not path.is_file()]
         if missing:
             raise SegensError(f"{found[missing[0]]}: no {split} array for image {missing[0]} ({len(missing)} of "
@@ -122,16 +138,19 @@ class ArraysMember(ImportedMember):
         return found
 
     def _listed(self, split: str) -> dict[str, Path]:
-        """key -> file of every file the split's pattern matches on disk."""
-        prefix, suffix = self.path_of(split, KEY).as_posix().split(KEY)
+        """name -> file of every file the split's pattern matches on disk."""
+        mark = self.placeholder(split)
+        prefix, suffix = self.path_of(split, mark).as_posix().split(mark)
         folder = Path(prefix if prefix.endswith("/") else Path(prefix).parent)
         if not folder.is_dir():
             return {}
         listed = {}
         for path in folder.rglob(f"*{suffix.rsplit('/', 1)[-1]}"):
             text = path.as_posix()
-            if path.is_file() and text.startswith(prefix) and text.endswith(suffix) and len(text) > len(prefix) + len(suffix):
-                listed[text[len(prefix):len(text) - len(suffix)]] = path
+            name = text[len(prefix):len(text) - len(suffix)]
+            if path.is_file() and text.startswith(prefix) and text.endswith(suffix) and name \
+                    and (mark == KEY or "/" not in name):
+                listed[name] = path
         return listed
 
     def identity(self) -> str:
@@ -167,11 +186,11 @@ class ArraysMember(ImportedMember):
 
     def checkpoints_for(self, split: str) -> dict[int, dict[str, str]]:
         """The store's only 'checkpoint' (fold 0): the split's pattern and the member's identity as sha256."""
-        return {0: {"path": str(self.path_of(split, KEY)), "sha256": self.identity()}}
+        return {0: {"path": str(self.path_of(split, self.placeholder(split))), "sha256": self.identity()}}
 
     def predict_records(self, records: Sequence[ImageRecord], split: str) -> list[np.ndarray]:
         """(29, H, W) uint8 maps of each record at its own size, in the competition's class order."""
-        return [self.read_maps(self.path_of(split, record.key), image_size(record.image_path))
+        return [self.read_maps(self.path_of(split, self.name_of(split, record)), image_size(record.image_path))
                 for record in records]
 
     def read_maps(self, path: Path, size: tuple[int, int]) -> np.ndarray:
