@@ -129,6 +129,14 @@ def test_bad_files_give_one_clear_error(project: Path, tmp_path: Path) -> None:
     save_all(tmp_path / "extra", {**maps, "ID999/image1": maps[keys[0]]}, lambda m: m)
     attempt("extra", {"test": "extra/{key}.npy"}, "array of image ID999/image1, which is not in the test images")
     attempt("scaled", {"test": "logit/{key}.npy", "scale": 255}, "model.scale must be 1")
+    save_all(tmp_path / "cut", maps, lambda m: m)
+    cut = tmp_path / "cut" / f"{keys[0]}.npy"
+    cut.write_bytes(cut.read_bytes()[:200])  # a file truncated mid-copy
+    attempt("cut", {"test": "cut/{key}.npy"}, f"cut/{keys[0]}.npy: not a readable numpy file")
+    save_all(tmp_path / "two", maps, lambda m: m, ".npz", "probabilities")
+    with np.load(tmp_path / "two" / f"{keys[0]}.npz") as archive:
+        np.savez(tmp_path / "two" / f"{keys[0]}.npz", probabilities=archive["probabilities"], logits=archive["probabilities"])
+    attempt("two", {"test": "two/{key}.npz"}, "holds 2 arrays .*name one with model.array")
     for model, match in [({"test": "preds/test.npy"}, "must be a path with {key} or {stem} once"),
                          ({"test": "p/{key}.npy", "values": "odds"}, "probabilities or logits"),
                          ({"test": "p/{key}.npy", "weights": 1}, "unknown model field"),

@@ -133,6 +133,12 @@ class QcResult:
         return sorted(self.rows, key=lambda row: (-row.score, row.image, row.channel))
 
 
+def calibrated_levels(value: np.ndarray, settings, channel: int, member: int) -> np.ndarray:
+    """A member's uint8 levels as the recipe votes on them: through its calibration table where it has one."""
+    tables = settings.tables[channel] if settings.tables is not None else None
+    return value if tables is None else tables[member][value]
+
+
 def member_masks(values: Sequence[np.ndarray | None], settings, channel: int, present: np.ndarray) -> list[np.ndarray]:
     """Each present member's mask in the region: its (calibrated) probability above its recipe threshold."""
     masks = []
@@ -143,8 +149,7 @@ def member_masks(values: Sequence[np.ndarray | None], settings, channel: int, pr
         if value is None:
             masks.append(np.zeros(shape, bool))
             continue
-        levels = value if settings.tables is None or settings.tables[channel] is None \
-            else settings.tables[channel][member][value]
+        levels = calibrated_levels(value, settings, channel, member)
         threshold = settings.member_thresholds[channel, member] if settings.strategy == "hard" \
             else settings.thresholds[channel]
         masks.append(LEVELS[levels] > threshold)
@@ -169,8 +174,7 @@ def ensemble_score(values: Sequence[np.ndarray | None], settings, channel: int,
     for member, value in enumerate(values):
         if value is None or not present[member]:
             continue
-        levels = value if settings.tables is None or settings.tables[channel] is None \
-            else settings.tables[channel][member][value]
+        levels = calibrated_levels(value, settings, channel, member)
         score += np.float32(weights[member]) * LEVELS[levels]
     return score, float(settings.thresholds[channel])
 

@@ -130,9 +130,10 @@ class ArraysMember(ImportedMember):
         if missing:
             raise SegensError(f"{found[missing[0]]}: no {split} array for image {missing[0]} ({len(missing)} of "
                               f"{len(found)} missing; member {self.spec.name!r}, pattern {self.pattern(split)})")
-        extra = sorted(set(self._listed(split)) - set(found))
+        listed = self._listed(split)
+        extra = sorted(set(listed) - set(found))
         if extra:
-            raise SegensError(f"{self._listed(split)[extra[0]]}: array of image {extra[0]}, which is not in the "
+            raise SegensError(f"{listed[extra[0]]}: array of image {extra[0]}, which is not in the "
                               f"{split} images of the data root ({len(extra)} such files); is it another split's or "
                               "another data set's?")
         return found
