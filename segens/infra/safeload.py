@@ -193,3 +193,15 @@ def torch_load_pickle(path: str | Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way
         raise SegensError(f"{path}: the {what} cannot be unpickled ({type(exc).__name__}: {exc})") from None
+
+
+def pickle_load(path: str | Path, what: str) -> Any:
+    """A plain pickle file unpickled (runs code stored in it: call only with --trust-pickle); failures named."""
+    import pickle
+
+    require_regular(path, what)
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle)  # noqa: S301 - only behind --trust-pickle
+    except Exception as exc:  # noqa: BLE001 - unpickling can fail in any way
+        raise SegensError(f"{path}: the {what} cannot be unpickled ({type(exc).__name__}: {exc})") from None

@@ -13,7 +13,8 @@ from segens.errors import SegensError
 _FACTORIES: dict[str, Callable[..., Any]] = {}
 BUILTIN_KINDS = {"smp": "segens.members.kinds.smp", "yolo": "segens.members.kinds.yolo",
                  "csv": "segens.members.kinds.csv_member", "torch": "segens.members.kinds.torch_member",
-                 "arrays": "segens.members.kinds.arrays"}
+                 "arrays": "segens.members.kinds.arrays",
+                 "nnunet": "segens.members.kinds.nnunet"}
 
 
 def register(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -191,10 +191,10 @@ class ArraysMember(ImportedMember):
 
     def predict_records(self, records: Sequence[ImageRecord], split: str) -> list[np.ndarray]:
         """(29, H, W) uint8 maps of each record at its own size, in the competition's class order."""
-        return [self.read_maps(self.path_of(split, self.name_of(split, record)), image_size(record.image_path))
+        return [self.read_maps(self.path_of(split, self.name_of(split, record)), image_size(record.image_path), split)
                 for record in records]
 
-    def read_maps(self, path: Path, size: tuple[int, int]) -> np.ndarray:
+    def read_maps(self, path: Path, size: tuple[int, int], split: str) -> np.ndarray:
         """One file -> (29, height, width) uint8; every problem is a SegensError naming the file."""
         values = load_array(path, self.model_settings.get("array"))
         where = f"{path} (member {self.spec.name!r})"
@@ -203,14 +203,17 @@ class ArraysMember(ImportedMember):
         if values.ndim != 3:
             raise SegensError(f"{where}: expected an array of shape (classes, H, W) or (classes, 1, H, W), got "
                               f"{tuple(values.shape)}")
+        if values.dtype.name not in DTYPES:
+            raise SegensError(f"{where}: dtype {values.dtype} is not one of {', '.join(DTYPES)}")
+        return self._to_uint8(np.asarray(self.competition_channels(values, where, split)), size, where)
+
+    def competition_channels(self, values: np.ndarray, where: str, split: str) -> np.ndarray:
+        """(C, H, W) as saved for ``split`` -> (29, H, W) in the competition's class order (a wrong channel
+        count named)."""
         if values.shape[0] != NUM_CLASSES:
             raise SegensError(f"{where}: {values.shape[0]} channels, expected {NUM_CLASSES} (one per class; set "
                               "classes in the spec when the order is not the competition's)")
-        if values.dtype.name not in DTYPES:
-            raise SegensError(f"{where}: dtype {values.dtype} is not one of {', '.join(DTYPES)}")
-        if self.order is not None:
-            values = values[self.order]
-        return self._to_uint8(np.asarray(values), size, where)
+        return values if self.order is None else values[self.order]
 
     def _to_uint8(self, values: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
         scale, logits = self.model_settings["scale"], self.model_settings["values"] == "logits"
