@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 from segens.errors import SegensError
 
 WORKFLOW = ("demo", "synth", "selfcheck", "folds", "train-member", "predict-member", "inspect", "search-weights",
-            "combine", "evaluate", "qc", "show")
+            "combine", "evaluate", "qc", "pseudo-label", "show")
 """The commands in the order a user meets them; ``ens --help`` lists them so."""
 
 

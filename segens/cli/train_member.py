@@ -23,20 +23,22 @@ def train_member(
     checkpoints: Annotated[Path | None, typer.Option(help="Folder for checkpoints (default: a folder named after the member, beside the spec).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow resuming from pickled state (YOLO's last.pt, an older segens' last.pt): runs code from the file.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace spec entries that name checkpoints train-member did not write.")] = False,
+    pseudo: Annotated[Path | None, typer.Option(help="A folder from `ens pseudo-label`: its images join every fold's training images (never validation), their ignored pixels left out of the loss (default: the spec's train.pseudo).")] = None,
 ) -> None:
     """Train a member's checkpoint for each requested fold on the other folds, validating on the held-out one.
 
     The best checkpoint by validation Dice (computed as the competition does, at each label's own size) is kept
     with a history.json; an interrupted fold resumes from its last epoch. The spec's `checkpoints` are updated
     after each fold (only each fold's entry: comments and order stay), so `ens predict-member` needs no editing by
-hand; an entry naming a checkpoint you put there is replaced only with --overwrite.
+hand; an entry naming a checkpoint you put there is replaced only with --overwrite. With --pseudo (smp members;
+YOLO's loss cannot leave pixels out) each checkpoint records the pseudo folder and its recipe's sha256.
 
     Example: `ens train-member members/unetpp-vgg19.yaml --data data/ --folds folds.json --fold all`
     """
     from segens.members.train import train_member as run
 
     summaries = run(spec, data, folds, fold=fold, device=device, jobs=jobs, checkpoints_dir=checkpoints,
-                    trust_pickle=trust_pickle, overwrite=overwrite)
+                    trust_pickle=trust_pickle, overwrite=overwrite, pseudo=pseudo)
     table = Table(title=escape(f"{spec}: trained folds"))
     for column in ("fold", "train images", "val images", "epochs", "best val Dice", "checkpoint"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")

@@ -47,9 +47,10 @@ class _LabelDocument(BaseModel):
     annotations: list[_Annotation]
 
 
-def parse_label_json(path: str | Path, text: str | bytes | None = None) -> Polygons:
+def parse_label_json(path: str | Path, text: str | bytes | None = None, require_all: bool = True) -> Polygons:
     """Read one label file (or its ``text``) into class -> (N, 2) int32 points; every class exactly once, finite
-    coordinates, at least 3 points, or a SegensError naming the file (and annotation and class).
+    coordinates, at least 3 points, or a SegensError naming the file (and annotation and class). With
+    ``require_all=False`` (pseudo-labels, segens.ensemble.pseudo) classes may be missing: at most once each.
 
     Read through segens.infra.safeload: at most MAX_LABEL_BYTES, UTF-8 (BOM accepted), nesting and size bounded."""
     path = Path(path)
@@ -73,7 +74,7 @@ def parse_label_json(path: str | Path, text: str | bytes | None = None) -> Polyg
             raise SegensError(f"{where} ({label}): 'points' must be at least 3 finite [x, y] pairs")
         polygons[label] = np.rint(np.asarray(annotation.points, dtype=np.float64)).astype(np.int32)
     missing = [name for name in CLASSES if name not in polygons]
-    if missing:
+    if missing and require_all:
         raise SegensError(f"{path}: classes missing: {', '.join(missing)}; every image needs all {NUM_CLASSES}")
     return polygons
 
@@ -99,25 +100,34 @@ def rasterize(polygons: Mapping[str, np.ndarray], height: int, width: int) -> np
     return masks.view(bool)
 
 
-def read_label_mask(path: str | Path, height: int, width: int) -> np.ndarray:
-    """Parse, validate against the image size, and rasterise a label file: (29, height, width) bool."""
-    polygons = parse_label_json(path)
+def read_label_mask(path: str | Path, height: int, width: int, require_all: bool = True) -> np.ndarray:
+    """Parse, validate against the image size, and rasterise a label file: (29, height, width) bool (a class
+    without annotation, allowed with ``require_all=False``, is empty)."""
+    polygons = parse_label_json(path, require_all=require_all)
     check_points_inside(path, polygons, height, width)
     return rasterize(polygons, height, width)
+
+
+def label_document(name: str, polygons: Mapping[str, Sequence[Sequence[int]] | np.ndarray],
+                   metadata: dict | None = None, fields: Mapping[str, Mapping[str, object]] | None = None) -> dict:
+    """A label file's document in the competition's format (class order of CLASSES, integer points) for the image
+    file stem ``name``; ``fields``: extra keys per class's annotation (a pseudo-label's confidence, say)."""
+    annotations = []
+    for number, label in enumerate(name for name in CLASSES if name in polygons):
+        points = np.asarray(polygons[label]).astype(int).tolist()
+        annotations.append(
+            {"id": f"{number:04d}", "type": "poly_seg", "attributes": {}, "points": points, "label": label,
+             **dict((fields or {}).get(label, {}))}
+        )
+    return {"annotations": annotations, "attributes": {}, "file_id": name,
+            "parent_path": "", "last_modifier_id": "", "metadata": metadata or {}}
 
 
 def write_label_json(
     path: str | Path, polygons: Mapping[str, Sequence[Sequence[int]] | np.ndarray], metadata: dict | None = None
 ) -> None:
     """Write a label file in the competition's format (class order of CLASSES, integer points)."""
-    annotations = []
-    for number, label in enumerate(name for name in CLASSES if name in polygons):
-        points = np.asarray(polygons[label]).astype(int).tolist()
-        annotations.append(
-            {"id": f"{number:04d}", "type": "poly_seg", "attributes": {}, "points": points, "label": label}
-        )
-    document = {"annotations": annotations, "attributes": {}, "file_id": Path(path).stem,
-                "parent_path": "", "last_modifier_id": "", "metadata": metadata or {}}
+    document = label_document(Path(path).stem, polygons, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document))

@@ -124,10 +124,12 @@ def class_mask(stores: Sequence[ProbabilityStore], key: str, channel: int, setti
                present: np.ndarray, member_boxes: Sequence[Sequence[BBox | None]]) -> tuple[BBox | None, np.ndarray]:
     """One class of one image: (union box, bool mask inside it) after voting and post-processing."""
     box, values = class_values(stores, key, channel, present, member_boxes)
-    return box, _masked(values, settings, channel, present)
+    return box, masked_values(values, settings, channel, present)
 
 
-def _masked(values: list[np.ndarray | None], settings: Settings, channel: int, present: np.ndarray) -> np.ndarray:
+def masked_values(values: list[np.ndarray | None], settings: Settings, channel: int, present: np.ndarray) -> np.ndarray:
+    """One class's bool mask inside its union box from the members' values there (``class_values``): the
+    strategy's kept pixels, then the recipe's post-processing; a (0, 0) array when no member has a value."""
     if not values:
         return np.zeros((0, 0), dtype=bool)
     mask = get_strategy(settings.strategy).keep(values, settings, channel, present)
@@ -149,7 +151,7 @@ def combine_image(stores: Sequence[ProbabilityStore], key: str, settings: Settin
         for member, value in enumerate(values):
             if value is not None:
                 counts[channel, member] = region_counts(value)
-        mask = _masked(values, settings, channel, present)
+        mask = masked_values(values, settings, channel, present)
         rles.append(encode_box(mask, box, width))
         if full is not None and box is not None:
             full[channel, box[0] : box[1], box[2] : box[3]] = mask.view(np.uint8) * np.uint8(SCALE)

@@ -100,6 +100,10 @@ class Member(ABC):
     train_fields: ClassVar[tuple[str, ...] | None] = None
     cannot_train: ClassVar[str] = "its models are trained elsewhere"
     """Why ``ens train-member`` refuses this kind (when ``train_fields`` is None)."""
+    trains_with_pseudo: ClassVar[bool] = False
+    """Whether ``train_fold`` takes ``pseudo`` (pseudo-labelled images whose ignored pixels its loss leaves out)."""
+    cannot_pseudo: ClassVar[str] = "its training cannot leave a pseudo-label's ignored pixels out of the loss"
+    """Why ``ens train-member --pseudo`` refuses this kind (when ``trains_with_pseudo`` is False)."""
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
                  trust_code: bool = False) -> None:
@@ -159,7 +163,8 @@ class Member(ABC):
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
                    progress: bool = True) -> FoldResult:
         """Train on ``train``, validate on ``val`` with the competition's Dice, keep the best checkpoint in
-        ``out_dir`` (resuming from its last checkpoint if one is there)."""
+        ``out_dir`` (resuming from its last checkpoint if one is there). A kind with ``trains_with_pseudo`` also
+        takes ``pseudo=`` (a segens.training.pseudo.PseudoSource) and adds those images to ``train`` only."""
         raise SegensError(f"{self.where}: kind {self.kind} is not trained by segens ({self.cannot_train}); put each "
                           "fold's checkpoint in the spec's checkpoints and run `ens predict-member`")
 

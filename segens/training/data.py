@@ -38,11 +38,13 @@ class Contract(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def record_masks_at(record: ImageRecord, image_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """A record's label polygons scaled to ``size`` (height, width) and filled there: (29, height, width) uint8."""
+def record_masks_at(record: ImageRecord, image_shape: tuple[int, int], size: tuple[int, int],
+                    require_all: bool = True) -> np.ndarray:
+    """A record's label polygons scaled to ``size`` (height, width) and filled there: (29, height, width) uint8
+    (``require_all=False``: a pseudo-label's missing classes are empty)."""
     if record.label_path is None:
         raise SegensError(f"{record.image_path}: no label file; a training image needs outputs_json/<same path>.json")
-    polygons = parse_label_json(record.label_path)
+    polygons = parse_label_json(record.label_path, require_all=require_all)
     check_points_inside(record.label_path, polygons, *image_shape)
     scale = np.array([size[1] / image_shape[1], size[0] / image_shape[0]])
     scaled = {name: np.rint(points * scale).astype(np.int32) for name, points in polygons.items()}

@@ -7,6 +7,11 @@ a shuffled batch, augments it, runs forward/backward under the chosen precision,
 validation masks (cheap); the best of those is kept as best.pt, and only that checkpoint is scored with the
 competition's Dice at each image's original size. last.pt (loadable with ``weights_only=True``), written at each
 validation, lets a killed fold resume after its last validated epoch.
+
+With pseudo-labels (segens.training.pseudo) the pseudo images join the training images (never the validation
+ones), the loss leaves their ignored pixels out, and best.pt and last.pt record the pseudo folder's identity
+(``pseudo``: the recipe's sha256 among it); a fold started with other pseudo-labels (or none) does not resume.
+Without them every step is as before, byte for byte.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from segens.training.augment import Augment
 from segens.training.data import CachedImage, CachedImages, Contract, LabelledImages, cache_records
 from segens.training.losses import WeightedLoss
 from segens.training.precision import Precision, choose_precision
+from segens.training.pseudo import IGNORE, PseudoSource, pseudo_items
 from segens.training.settings import TrainSettings, make_optimizer
 
 RESUME_KEYS = ("model", "optimizer", "rng", "epoch", "history", "best_dice")
@@ -111,9 +117,10 @@ def _channels_first(image: np.ndarray) -> np.ndarray:
 
 def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int, train: Sequence[ImageRecord],
                        val: Sequence[ImageRecord], out_dir: Path, device: torch.device, progress: bool = True,
-                       trust_pickle: bool = False) -> TrainedFold:
+                       trust_pickle: bool = False, pseudo: PseudoSource | None = None) -> TrainedFold:
     """Train one fold into ``out_dir`` (best.pt, last.pt, history.json), resuming after last.pt's epoch; see the
-    module docstring. The returned ``val_dice`` is best.pt's competition Dice at the original size."""
+    module docstring. The returned ``val_dice`` is best.pt's competition Dice at the original size. ``pseudo``:
+    pseudo-labelled images added to ``train`` (their ignored pixels left out of the loss)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -124,17 +131,26 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
                if settings.scheduler == "plateau" else None)
     scaler = precision.grad_scaler()
-    loss_fn = WeightedLoss(settings.loss, recipe.where).to(device)
+    loss_fn = WeightedLoss(settings.loss, recipe.where, ignore=None if pseudo is None else IGNORE).to(device)
     augment = Augment(settings.augment, recipe.where)
+    identity = None if pseudo is None else pseudo.identity()
+    payload = recipe.payload if identity is None else (lambda model: {**recipe.payload(model), "pseudo": identity})
 
     batch_size = settings.batch_size
-    drop_last = len(train) > batch_size
-    steps_per_epoch = len(train) // batch_size if drop_last else 1
+    count = len(train) + (0 if pseudo is None else len(pseudo.records))
+    drop_last = count > batch_size
+    steps_per_epoch = count // batch_size if drop_last else 1
     total = settings.total_steps(steps_per_epoch)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best_dice": -1.0, "best_input_dice": -1.0,
                              "val_dice": None}
+    if identity is not None:
+        state["pseudo"] = identity
     if last_path.exists():
         saved = load_resume_state(last_path, trust_pickle)
+        if saved.get("pseudo") != identity:
+            raise SegensError(f"{last_path}: this fold was started {_pseudo_words(saved.get('pseudo'))}, and is now "
+                              f"trained {_pseudo_words(identity)}; delete {out_dir} to train the fold again, or train "
+                              "as it was started")
         try:  # a spec changed since the run was interrupted (another encoder, optimizer, precision) does not fit
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -155,14 +171,18 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
 
     if state["step"] < total:
         epochs = state["epoch"] + math.ceil((total - state["step"]) / steps_per_epoch)
+        extra = "" if pseudo is None else f" + {len(pseudo.records)} pseudo-labelled"
         console.print(f"{recipe.name} fold {fold}: {total} steps of batch {batch_size} ({steps_per_epoch} an epoch) on "
-                      f"{len(train)} images, {precision.describe()} on {device}", markup=False)
+                      f"{len(train)}{extra} images, {precision.describe()} on {device}", markup=False)
         cache_folder = out_dir.parent / "cache" if settings.cache == "disk" else None
         if settings.cache == "none":
             dataset = LabelledImages(train, recipe.contract, augment)
         else:
             dataset = CachedImages(cache_records(train, recipe.contract, cache_folder, progress, "decode train"),
                                    recipe.contract, augment)
+        if pseudo is not None:  # decoded in memory whatever the cache setting; never in the validation images
+            dataset = torch.utils.data.ConcatDataset(
+                [dataset, CachedImages(pseudo_items(pseudo, recipe.contract, progress), recipe.contract, augment)])
         val_items = cache_records(val, recipe.contract, cache_folder, progress, "decode val")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                              num_workers=settings.workers, drop_last=drop_last,
@@ -188,7 +208,7 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
                     if improved:
                         state["best_input_dice"] = dice
                         state["val_dice"] = None
-                        save_atomic(recipe.payload(model), best_path)
+                        save_atomic(payload(model), best_path)
                     if improved or epoch % report_every == 0 or finished:
                         console.print(f"{recipe.name} fold {fold}: epoch {epoch}/{epochs} step {state['step']}/{total}"
                                       f"  loss {row['loss']:.4f}  val Dice at input size {dice:.4f}"
@@ -206,6 +226,13 @@ def train_network_fold(recipe: NetworkRecipe, settings: TrainSettings, fold: int
         console.print(f"{recipe.name} fold {fold}: best.pt (val Dice at input size {state['best_input_dice']:.4f}) "
                       f"scores {state['val_dice']:.4f} at original size", markup=False)
     return TrainedFold(best_path, float(state["best_input_dice"]), float(state["val_dice"]), state["history"])
+
+
+def _pseudo_words(identity: dict[str, Any] | None) -> str:
+    """How an error names the pseudo-labels a fold was trained with."""
+    if identity is None:
+        return "without pseudo-labels"
+    return f"with the pseudo-labels of {identity.get('folder')} (recipe sha256 {str(identity.get('recipe_sha256'))[:12]})"
 
 
 def _train_epoch(model, loader, optimizer, plateau, scaler, loss_fn, precision: Precision, recipe: NetworkRecipe,

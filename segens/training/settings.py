@@ -19,6 +19,8 @@ train:
   augment: {hflip: 0.5}
   seed: 0
   workers: 0
+  pseudo: pseudo/        # a folder from `ens pseudo-label` (relative to the spec's folder): its images join every
+                         # fold's training images, their ignored pixels left out of the loss (--pseudo overrides)
 ```
 """
 
@@ -35,7 +37,7 @@ from segens.errors import SegensError
 
 TRAIN_FIELDS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "optimizer", "scheduler", "warmup",
                 "min_lr", "amp", "channels_last", "cache", "val_every", "loss", "augment", "seed", "workers",
-                "predict_batch_size")
+                "predict_batch_size", "pseudo")
 OPTIMIZERS = ("adam", "adamw", "lion")
 SCHEDULERS = ("none", "plateau", "cosine")
 AMPS = ("auto", "off", "bf16", "fp16")
@@ -64,6 +66,7 @@ class TrainSettings:
     seed: int = 0
     workers: int = 0
     extra: dict = field(default_factory=dict)
+    pseudo: str | None = None
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """All optimizer steps of a fold: ``steps``, else ``epochs`` x ``steps_per_epoch``."""
@@ -136,7 +139,14 @@ def parse_settings(section: Mapping[str, Any], where: str, fields: tuple[str, ..
         cache=_choice(section, "cache", CACHES, "memory", where),
         val_every=_number(section, "val_every", int, 1, where, 1), loss=section.get("loss"),
         augment=section.get("augment"), seed=_number(section, "seed", int, 0, where),
-        workers=_number(section, "workers", int, 0, where))
+        workers=_number(section, "workers", int, 0, where), pseudo=_pseudo(section, where))
+
+
+def _pseudo(section: Mapping[str, Any], where: str) -> str | None:
+    value = section.get("pseudo")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise SegensError(f"{where}: train.pseudo must be the path of a folder from `ens pseudo-label`, got {value!r}")
+    return value
 
 
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:

@@ -31,6 +31,7 @@ from segens.members.network import LoadedModel, TorchModuleMember, average_passe
 from segens.members.registry import register
 from segens.members.spec import Checkpoint, MemberSpec, sha256_of
 from segens.training.loop import NetworkRecipe, train_network_fold
+from segens.training.pseudo import PseudoSource
 from segens.training.settings import TRAIN_FIELDS, TrainSettings, parse_settings
 
 MODEL_FIELDS = ("architecture", "encoder", "encoder_weights", "in_channels", "options")
@@ -119,6 +120,7 @@ class SmpMember(TorchModuleMember):
 
     model_fields = MODEL_FIELDS
     train_fields = TRAIN_FIELDS
+    trains_with_pseudo = True
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
                  trust_code: bool = False) -> None:
@@ -194,9 +196,10 @@ class SmpMember(TorchModuleMember):
 
     # ---- training ---------------------------------------------------------------------------------------
     def train_fold(self, fold: int, train: Sequence[ImageRecord], val: Sequence[ImageRecord], out_dir: Path,
-                   progress: bool = True) -> FoldResult:
+                   progress: bool = True, pseudo: PseudoSource | None = None) -> FoldResult:
         """Train one fold with the shared loop (segens.training.loop): best.pt by validation Dice, last.pt for
-        resuming, history.json per epoch; the checkpoint's Dice is best.pt's at each image's original size."""
+        resuming, history.json per epoch; the checkpoint's Dice is best.pt's at each image's original size.
+        ``pseudo``: pseudo-labelled images added to ``train``, their ignored pixels left out of the loss."""
         if self.spec.classes is not None and list(self.spec.classes) != list(CLASSES):
             raise SegensError(f"{self.where}: 'classes' gives the channel order of a checkpoint trained elsewhere; "
                               "segens trains in the competition's order: remove 'classes' to train this member")
@@ -204,7 +207,7 @@ class SmpMember(TorchModuleMember):
                                score=lambda path: self.validate(self.load(path).module, val),
                                logits=lambda output: output_of(output, None, self.where))
         trained = train_network_fold(recipe, self.train_settings, fold, train, val, Path(out_dir), self.device, progress,
-                                     self.trust_pickle)
+                                     self.trust_pickle, pseudo=pseudo)
         return FoldResult(Checkpoint(trained.best_path, sha256_of(trained.best_path), trained.val_dice),
                           trained.history)
 

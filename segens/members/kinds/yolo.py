@@ -63,7 +63,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 50, "batch": 8, "seed": 0}
 # step at all after warmup unless nbs is lowered to the batch size.
 TRAIN_FIELDS = ("epochs", "batch", "lr0", "lrf", "optimizer", "seed", "patience", "nbs", "warmup_epochs",
                 "cos_lr", "weight_decay", "momentum", "close_mosaic", "mosaic", "fliplr", "scale", "translate",
-                "degrees", "hsv_v", "val")
+                "degrees", "hsv_v", "val", "pseudo")
+# pseudo: accepted only to be refused with the reason (YoloMember.cannot_pseudo), not as an unknown field
 RUN_NAME = "train"  # ultralytics run folder inside out_dir: out_dir/train/weights/{best,last}.pt
 DONE_FILE = "segens_fold.json"  # written after the validation Dice; a finished fold is returned from it
 
@@ -131,6 +132,8 @@ class YoloMember(NetworkMember):
 
     model_fields = tuple(MODEL_DEFAULTS)
     train_fields = TRAIN_FIELDS
+    cannot_pseudo = ("ultralytics' segmentation loss has no per-pixel, per-class weights, so a pseudo-label's ignore "
+                     "mask could not be honoured; train an smp member with pseudo-labels, or this one without them")
 
     def __init__(self, spec: MemberSpec, device: str = "cpu", trust_pickle: bool = False,
                  trust_code: bool = False) -> None:
@@ -146,6 +149,9 @@ class YoloMember(NetworkMember):
         return {**MODEL_DEFAULTS, **section}
 
     def parse_train(self, section: dict[str, Any]) -> dict[str, Any]:
+        if "pseudo" in section:
+            raise SegensError(f"{self.where}: train.pseudo: kind yolo cannot train with pseudo-labels: "
+                              f"{self.cannot_pseudo}")
         return {**TRAIN_DEFAULTS, **section}
 
     # ---- training -------------------------------------------------------------------------------------------
