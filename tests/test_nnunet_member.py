@@ -192,3 +192,15 @@ def test_bad_folders_give_one_clear_error(project: Path, tmp_path: Path) -> None
     attempt("nofolder", {"test": "absent"}, "absent: the test folder of nnU-Net predictions is not there")
     attempt("case", {"test": "a", "case": "{folder}"}, "model.case must name each case with {stem}")
     attempt("train", {"test": "a"}, "kind nnunet has no 'train' settings", train={"epochs": 1})
+
+
+def test_the_example_spec_loads_and_refuses_training(project: Path) -> None:
+    from segens.members.registry import build_member
+    from segens.members.spec import load_spec
+    from segens.members.train import train_member
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "members" / "nnunet-2d.yaml"
+    member = build_member(load_spec(example))
+    assert member.kind == "nnunet" and member.model_settings["case"] == "{stem}"
+    with pytest.raises(SegensError, match=r"kind nnunet is not trained by segens \(nnU-Net trains it"):
+        train_member(example, project / "data", project / "folds.json", progress=False)
