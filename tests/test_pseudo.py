@@ -303,3 +303,84 @@ def test_labels_and_pixels_under_ignored_pixels_change_nothing_in_training(label
     assert not np.array_equal(changed.image, item.image)
     for first, second in zip(gradients(item), gradients(changed)):
         assert torch.count_nonzero(first) > 0 and torch.equal(first, second)
+
+
+# ---- training with pseudo-labels ----------------------------------------------------------------------------
+
+SMALL_UNET = {"architecture": "Unet", "encoder": "resnet18", "options": {"decoder_channels": [16, 8, 8, 8, 8]}}
+
+
+def _spec(path: Path, **train) -> Path:
+    path.write_text(yaml.safe_dump({"name": "r18", "kind": "smp", "input": {"size": 32}, "model": SMALL_UNET,
+                                    "train": {"steps": 2, "batch_size": 4, "seed": 0, **train}}))
+    return path
+
+
+def test_pseudo_images_train_every_fold_never_validate_and_are_recorded(project: Path, labelled: Path,
+                                                                       tmp_path: Path, monkeypatch) -> None:
+    import segens.training.loop as loop
+    from segens.members.train import train_member
+
+    seen = []
+    real = loop.train_network_fold
+
+    def spy(recipe, settings, fold, train, val, *args, pseudo=None, **kwargs):
+        if pseudo is not None:
+            seen.append((fold, [r.key for r in train], [r.key for r in val], [r.key for r in pseudo.records]))
+        return real(recipe, settings, fold, train, val, *args, pseudo=pseudo, **kwargs)
+
+    import segens.members.kinds.smp as smp_kind
+
+    monkeypatch.setattr(smp_kind, "train_network_fold", spy)
+    (tmp_path / "members").mkdir()
+    spec = _spec(tmp_path / "members" / "m.yaml", pseudo="../pseudo")  # relative to the spec's folder
+    (tmp_path / "pseudo").symlink_to(labelled)
+    summaries = train_member(spec, project / "data", project / "folds.json", fold="all", progress=False)
+    assert [s.fold for s in summaries] == [0, 1] and len(seen) == 2
+    pseudo_keys = set(seen[0][3])
+    assert pseudo_keys == {r.key for r in load_pseudo(labelled).records} and len(pseudo_keys) == 4
+    for fold, train, val, pseudo in seen:
+        assert not pseudo_keys & set(val) and not pseudo_keys & set(train) and set(pseudo) == pseudo_keys
+    import hashlib
+
+    recipe_sha = hashlib.sha256((project / "recipe.json").read_bytes()).hexdigest()
+    for summary in summaries:
+        best = torch.load(summary.checkpoint, map_location="cpu", weights_only=True)
+        assert best["pseudo"]["recipe_sha256"] == recipe_sha and best["pseudo"]["images"] == 4
+    last = torch.load(summaries[0].checkpoint.parent / "last.pt", map_location="cpu", weights_only=True)
+    assert last["pseudo"]["recipe_sha256"] == recipe_sha
+
+    # resuming a fold with other pseudo-labels (here: none) is refused; the command line names the folder too
+    _spec(spec, steps=3)
+    with pytest.raises(SegensError, match=r"last\.pt: this fold was started with the pseudo-labels of .* and is now "
+                                          r"trained without pseudo-labels"):
+        train_member(spec, project / "data", project / "folds.json", fold="0", progress=False)
+
+
+def test_pseudo_labels_of_training_images_or_for_yolo_are_refused(project: Path, labelled: Path,
+                                                                  tmp_path: Path) -> None:
+    from segens.members.spec import load_spec
+    from segens.members.train import train_member
+
+    spec = _spec(tmp_path / "m.yaml")
+    fake = tmp_path / "fake"  # a pseudo folder whose images are the training images of the data root
+    import shutil
+
+    shutil.copytree(labelled, fake)
+    shutil.rmtree(fake / "train" / "DCM")
+    shutil.copytree(project / "data" / "test" / "DCM", fake / "train" / "DCM")
+    root = tmp_path / "root"
+    shutil.copytree(project / "data", root)
+    shutil.copytree(project / "data" / "test", root / "train", dirs_exist_ok=True)
+    folds, _ = make_folds(root, k=2, seed=0)
+    save_folds(folds, tmp_path / "folds.json")
+    with pytest.raises(SegensError, match=r"is pseudo-labelled and also a training image of .*: it could land in a "
+                                          r"validation fold"):
+        train_member(spec, root, tmp_path / "folds.json", progress=False, pseudo=fake)
+    yolo = tmp_path / "y.yaml"
+    yolo.write_text(yaml.safe_dump({"name": "y", "kind": "yolo", "input": {"size": 64},
+                                    "train": {"epochs": 1, "pseudo": str(labelled)}}))
+    with pytest.raises(SegensError, match=r"kind yolo cannot train with pseudo-labels: ultralytics' segmentation "
+                                          r"loss has no per-pixel"):
+        train_member(yolo, project / "data", project / "folds.json", progress=False)
+    assert load_spec(spec).train.get("pseudo") is None
