@@ -79,6 +79,30 @@ def test_qc_with_a_hard_recipe_and_the_command(planted, tmp_path: Path) -> None:
     assert again.exit_code == 1 and "pass --overwrite" in str(again.exception)
 
 
+def test_overlays_draw_the_most_suspicious_pairs(planted, tmp_path: Path) -> None:
+    import cv2
+
+    from segens.ensemble.overlay import member_style
+
+    base, pairs = planted
+    stores = [str(base / f"{name}.oof.zarr") for name in "abc"]
+    search_weights(stores, base / "data", None, tmp_path / "recipe.json", strategy="soft", progress=False)
+    command = ["qc", *stores, "--recipe", str(tmp_path / "recipe.json"), "--data", str(base / "data"), "--out",
+               str(tmp_path / "qc.csv"), "--overlays", "3", str(tmp_path / "suspects")]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    drawn = sorted(path.name for path in (tmp_path / "suspects").iterdir())
+    assert len(drawn) == 3 and [name[:3] for name in drawn] == ["01-", "02-", "03-"]
+    planted_names = {f"{image.replace('/', '_')}-{name}.png" for image, name in pairs}
+    assert {name[3:] for name in drawn[:2]} == planted_names  # the planted pairs rank first
+    for name in drawn:
+        picture = cv2.imread(str(tmp_path / "suspects" / name))
+        assert picture is not None and picture.shape[0] > 300
+    assert len({member_style(index) for index in range(6)}) == 6  # every member of six drawn its own way
+    bad = CliRunner().invoke(app, [*command[:-3], "--overlays", "0", str(tmp_path / "none"), "--overwrite"])
+    assert bad.exit_code != 0 and not (tmp_path / "none").exists()
+
+
 def test_signals_on_hand_made_cases() -> None:
     empty, full = np.zeros((4, 4), bool), np.ones((4, 4), bool)
     assert pairwise_agreement([empty, empty]) == 1.0 and pairwise_agreement([full]) == 1.0

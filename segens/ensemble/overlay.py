@@ -47,6 +47,10 @@ PALETTE: tuple[str, ...] = (
 )
 """One bright colour per class (index of segens.conventions.classes.CLASSES), readable on a dark X-ray; never changes."""
 
+MEMBER_COLOURS = ("#ffffff", "#00e5ff", "#ff4fd8", "#76ff03", "#b388ff", "#ff6b6b")
+MEMBER_STYLES = ((0, (1, 1.5)), (0, (6, 1.5, 1, 1.5)), (0, (9, 3)), (0, (2, 3)), (0, (4, 1.5, 1, 1.5, 1, 1.5)), "solid")
+"""Each member's outline when several members are drawn in one panel (``ens qc --overlays``): colour and dashes."""
+
 FALSE_POSITIVE = "#ff1f8e"  # magenta: predicted, not true
 FALSE_NEGATIVE = "#00c2ff"  # cyan: true, missed
 TRUE_POSITIVE = "#7dff6b"  # green, drawn faint
@@ -76,6 +80,7 @@ class Panel:
     truth: list[BoxedMask] | None  # None: no labels
     pred: list[BoxedMask] | None  # None: ground truth only
     error: int | None = None  # a class index: colour its FP/FN/TP instead of outlining
+    members: list[BoxedMask] | None = None  # the panel's class as each member predicts it, in member_style(i)
 
 
 # ---- public entry point --------------------------------------------------------------------------------------
@@ -280,6 +285,8 @@ def draw_panel(axes, gray: np.ndarray, panel: Panel) -> None:
                 _outline(axes, panel.truth[channel], colour, "solid", 1.0)
             if panel.pred is not None:
                 _outline(axes, panel.pred[channel], colour, (0, (3, 2)), 1.3)
+        for index, mask in enumerate(panel.members or []):
+            _outline(axes, mask, *member_style(index), 1.0)
     axes.set_xlim(col0 - 0.5, col1 - 0.5)
     axes.set_ylim(row1 - 0.5, row0 - 0.5)
     axes.set_xticks([])
@@ -331,6 +338,11 @@ def contours(mask: BoxedMask) -> list[np.ndarray]:
     found, _ = cv2.findContours(sub.view(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     offset = np.array([box[2], box[0]], dtype=np.float64)
     return [np.vstack([c[:, 0], c[:1, 0]]).astype(np.float64) + offset for c in found]
+
+
+def member_style(index: int) -> tuple[str, object]:
+    """(colour, line style) of the ``index``-th member's outline."""
+    return MEMBER_COLOURS[index % len(MEMBER_COLOURS)], MEMBER_STYLES[index % len(MEMBER_STYLES)]
 
 
 def _outline(axes, mask: BoxedMask, colour: str, style, width: float) -> None:

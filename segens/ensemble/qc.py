@@ -266,9 +266,13 @@ def validation(rows: Sequence[QcRow]) -> dict[str, float]:
 
 def quality_control(store_urls: Sequence[str | Path], recipe_path: str | Path, root: str | Path, out: str | Path,
                     plot: str | Path | None = None, jobs: int = 1, force: bool = False, progress: bool = True,
-                    overwrite: bool = False) -> QcResult:
-    """Score every (image, class) of the stores with the recipe, write ``out`` (qc.csv) and ``plot``."""
-    check_outputs([Output(out, "file", "--out"), Output(plot, option="--plot")],
+                    overwrite: bool = False, overlays: tuple[int, str | Path] | None = None) -> QcResult:
+    """Score every (image, class) of the stores with the recipe, write ``out`` (qc.csv) and ``plot``, and with
+    ``overlays`` (N, folder) the N most suspicious pairs as PNGs (segens.ensemble.qc_overlay)."""
+    if overlays is not None and (isinstance(overlays[0], bool) or not isinstance(overlays[0], int) or overlays[0] < 1):
+        raise SegensError(f"--overlays N DIR: N is how many pairs to draw, a whole number from 1, got {overlays[0]!r}")
+    check_outputs([Output(out, "file", "--out"), Output(plot, option="--plot"),
+                   Output(overlays[1] if overlays else None, "folder", "--overlays")],
                   inputs=[*store_urls, recipe_path, root], overwrite=overwrite)
     stores = [open_store(url) for url in store_urls]
     if any(store.fold is not None for store in stores):
@@ -299,6 +303,10 @@ def quality_control(store_urls: Sequence[str | Path], recipe_path: str | Path, r
     write_qc_csv(result, out)
     if plot is not None:
         plot_qc(result, plot)
+    if overlays is not None:
+        from segens.ensemble.qc_overlay import draw_suspects
+
+        draw_suspects(result, stores, settings, keys, present, records, overlays[0], overlays[1])
     return result
 
 
