@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from segens.store.quantize import SCALE, dequantize, quantize
+
 METHODS = ("none", "isotonic", "platt")
 IDENTITY = np.arange(256, dtype=np.uint8)
 """The table of an uncalibrated member: every level kept."""
@@ -64,7 +66,7 @@ def fit_table(positive: np.ndarray, total: np.ndarray, method: str) -> np.ndarra
         calibrated = _platt(levels, positive[1:].astype(np.float64), weights)
     table = np.empty(256, np.uint8)
     table[0] = 0
-    table[1:] = np.clip(np.rint(np.maximum.accumulate(calibrated) * 255), 0, 255).astype(np.uint8)
+    table[1:] = quantize(np.maximum.accumulate(calibrated), np.float64)  # the store's formula, in float64 as fitted
     return table
 
 
@@ -73,7 +75,7 @@ def _platt(levels: np.ndarray, positive: np.ndarray, total: np.ndarray) -> np.nd
     identity where the fit would be decreasing."""
     from sklearn.linear_model import LogisticRegression
 
-    p = np.clip(levels / 255.0, 0.5 / 255, 254.5 / 255)
+    p = np.clip(dequantize(levels, np.float64), 0.5 / SCALE, (SCALE - 0.5) / SCALE)
     feature = np.log(p / (1 - p))[:, None]
     negative = total - positive
     x = np.concatenate([feature, feature])
@@ -85,7 +87,7 @@ def _platt(levels: np.ndarray, positive: np.ndarray, total: np.ndarray) -> np.nd
     model = LogisticRegression(C=1e6, max_iter=1000)
     model.fit(x[keep], y[keep], sample_weight=weight[keep])
     if model.coef_[0, 0] <= 0:
-        return levels / 255.0
+        return dequantize(levels, np.float64)
     return model.predict_proba(feature)[:, 1]
 
 
