@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from segens.cli._app import app, console, output
-from segens.cli.options import Backend, Scheduler, StorageOptions
+from segens.cli.options import Backend, Jobs, Scheduler, StorageOptions
 
 
 @app.command()
@@ -25,7 +25,7 @@ def combine(
     force: Annotated[bool, typer.Option(help="Combine even if the recipe's members or checkpoints differ from the stores'.")] = False,
     masks_out: Annotated[str | None, typer.Option(help="Also write the binary masks as a store (for `ens show`, `ens evaluate`).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out or --masks-out (never one of the inputs).")] = False,
-    jobs: Annotated[int, typer.Option(min=1, help="Images combined in parallel (joblib processes).")] = 1,
+    jobs: Jobs = 1,
     backend: Backend = "local",
     scheduler: Scheduler = None,
     storage_options: StorageOptions = None,

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from segens.cli._app import app, output
-from segens.cli.options import Backend, Scheduler, StorageOptions
+from segens.cli.options import Backend, Jobs, Scheduler, StorageOptions
 
 
 @app.command("predict-member")
@@ -27,7 +27,7 @@ def predict_member(
     trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that are whole pickled models (runs code from the file).")] = False,
     trust_code: Annotated[bool, typer.Option(help="Allow importing the model factory a spec names (runs that code).")] = False,
     per_fold: Annotated[bool, typer.Option(help="--split test: one store per fold model (m.test.fold0.zarr, ...) instead of their mean; `ens combine` applies a recipe to each fold's maps and merges the results.")] = False,
-    jobs: Annotated[int, typer.Option(min=1, help="Local processes predicting side by side (each holds its own model copy).")] = 1,
+    jobs: Jobs = 1,
     backend: Backend = "local",
     scheduler: Scheduler = None,
     storage_options: StorageOptions = None,
