@@ -82,6 +82,17 @@ def test_a_toy_strategy_is_searched_exactly(project: Path, tmp_path: Path) -> No
                                rtol=0, atol=1e-12)
 
 
+def test_auto_tries_a_registered_strategy(project: Path, tmp_path: Path) -> None:
+    """``--strategy auto``'s candidates are the registry's, in its order: the toy 'max' is searched beside the
+    built-ins on the same evidence and judged by the same held-out rule (step 0.5, no post-processing: cheap)."""
+    report = search_weights(stores_of(project, "oof"), project / "data", project / "folds.json", tmp_path / "r.json",
+                            strategy="auto", step=0.5, cv=True, postprocess=False, progress=False)
+    searched = ["soft", "weighted", "hard", "max"]  # the registry's order: built-ins, then the toy
+    assert list(report.alternatives) == [name for name in searched if name != report.strategy]
+    assert "max beats" in report.choice_reason or "max does not reliably beat" in report.choice_reason
+    assert json.loads((tmp_path / "r.json").read_text())["search"]["strategy"] == "auto"
+
+
 def test_a_toy_member_kind_predicts_trains_never_and_joins_a_search(project: Path, tmp_path: Path) -> None:
     spec = tmp_path / "oracle.yaml"
     spec.write_text(yaml.safe_dump({"name": "oracle", "kind": "oracle"}))

@@ -15,10 +15,14 @@ import numpy as np
 
 from segens.search.class_search import ClassResult
 from segens.search.levels import Z, paired_differences, reliably_better, standard_error
+from segens.voting import names
 
-ORDER = ("soft", "weighted", "hard")
-"""``--strategy auto``'s candidates, from the simplest: a later one replaces the current one only where it is
-reliably better on held-out images."""
+
+def auto_candidates() -> list[str]:
+    """``--strategy auto``'s candidates: every registered strategy, in the registry's order (segens.voting.names:
+    the built-ins soft, weighted, hard from the simplest, then any strategy registered later). A later one replaces
+    the current one only where it is reliably better on held-out images (``choose_strategy``)."""
+    return list(names())
 
 
 def image_scores(results: Sequence[ClassResult], column: str) -> np.ndarray:
@@ -53,12 +57,13 @@ def gate(results: Sequence[ClassResult], groups: Sequence[str] | None = None) ->
 
 def choose_strategy(candidates: Mapping[str, Sequence[ClassResult]],
                     groups: Sequence[str] | None = None) -> tuple[str, str]:
-    """(strategy, why): among the searched strategies' recipes (their own gates applied), from the simplest in
-    ``ORDER``, a later one replaces the current one only where its per-image held-out Dice is reliably better."""
-    names = [name for name in ORDER if name in candidates] + [name for name in candidates if name not in ORDER]
-    current = names[0]
+    """(strategy, why): among the searched strategies' recipes (their own gates applied), in the order of
+    ``candidates`` (``auto_candidates``: the registry's, from the simplest), a later one replaces the current one
+    only where its per-image held-out Dice is reliably better."""
+    order = list(candidates)
+    current = order[0]
     reasons = []
-    for name in names[1:]:
+    for name in order[1:]:
         versus = Comparison.of(image_scores(candidates[name], "recipe"), image_scores(candidates[current], "recipe"),
                                groups)
         if versus.reliable:

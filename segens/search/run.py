@@ -20,7 +20,7 @@ from segens.infra.progress import progress_bar
 from segens.search.class_search import ClassResult, search_class
 from segens.search.evidence import ClassEvidence, threshold_grid
 from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
-from segens.search.overall import ORDER, choose_strategy
+from segens.search.overall import auto_candidates, choose_strategy
 from segens.search.report import SearchReport
 from segens.search.resume import FinishedClasses, labels_digest, partial_root, search_key
 from segens.store import ProbabilityStore, open_store
@@ -91,7 +91,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     check_jobs(jobs)
     check_outputs([Output(out, "file", "--out"), Output(partial_root(out), "folder", "--out's resume folder", True),
                    *also_written], inputs=[*store_urls, folds_path, root], overwrite=overwrite)
-    strategies = list(ORDER) if strategy == "auto" else [strategy]
+    strategies = auto_candidates() if strategy == "auto" else [strategy]
     votings = [get_strategy(name) for name in strategies]
     if strategy == "auto" and not cv:
         raise SegensError("--strategy auto picks the strategy by held-out scores: it needs --cv (and --folds)")
