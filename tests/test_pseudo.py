@@ -384,3 +384,38 @@ def test_pseudo_labels_of_training_images_or_for_yolo_are_refused(project: Path,
                                           r"loss has no per-pixel"):
         train_member(yolo, project / "data", project / "folds.json", progress=False)
     assert load_spec(spec).train.get("pseudo") is None
+
+
+# ---- the command and the benchmark --------------------------------------------------------------------------
+
+def test_the_command_writes_the_folder_and_its_defaults_are_the_library_s(project: Path, tmp_path: Path) -> None:
+    import segens.cli.pseudo_label as command
+    from segens.ensemble import pseudo, qc
+
+    assert (command.MAX_QC_SCORE, command.MIN_CONFIDENCE, command.BAND) == \
+        (pseudo.MAX_QC_SCORE, pseudo.MIN_CONFIDENCE, qc.BAND)
+    result = CliRunner().invoke(app, ["pseudo-label", *_test_stores(project), "--recipe", str(project / "recipe.json"),
+                                      "--data", str(project / "data"), "--out", str(tmp_path / "p"),
+                                      "--max-qc-score", "0.5", "--min-confidence", "0.6", "--band", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "of 4 images written" in " ".join(result.output.split())
+    manifest = json.loads((tmp_path / "p" / "pseudo.json").read_text())
+    assert manifest["filters"] == {"max_qc_score": 0.5, "min_confidence": 0.6, "band": 0.1, "ignore": True}
+    assert {path.name for path in (tmp_path / "p").iterdir()} == {"train", "ignore.zarr", "pairs.csv", "qc.csv",
+                                                                  "pseudo.json"}
+    listed = [line.split()[1] for line in CliRunner().invoke(app, ["--help"]).output.splitlines()
+              if line.startswith("│ ") and line[2] not in " -"]  # a command's first line, not an option
+    assert listed.index("qc") + 1 == listed.index("pseudo-label") == listed.index("show") - 1
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_variant(tmp_path: Path) -> None:
+    """bench/pseudo.py --quick (about 40 s on 2 idle cores): the ensemble, both pseudo folders, the three variants
+    scored on the test labels."""
+    from bench import pseudo as bench
+
+    report = bench.main(["--quick", "--workdir", str(tmp_path)])
+    (result,) = report["results"]
+    assert set(result["dice"]) == {"a", "b", "c"} and all(0 <= d <= 1 for d in result["dice"].values())
+    assert result["pseudo"]["b"]["ignored_share"] == 0 and result["pseudo"]["c"]["annotated"] > 0
+    assert (tmp_path / "quick" / "pseudo_bench.json").is_file()
