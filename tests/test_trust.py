@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import flat
+from typer.testing import CliRunner
 
 from bench.fixture import fixture
+from segens.cli import app
 from segens.conventions.classes import NUM_CLASSES
 from segens.conventions.rle import decode
 from segens.conventions.submission import read_submission
@@ -92,6 +95,27 @@ def test_auto_picks_soft_over_hard_on_independent_members_and_says_why(tmp_path_
     with pytest.raises(SegensError, match="the recipe is for strategy 'soft', not 'hard'"):
         combine([str(path) for path in built(tmp_path_factory, "null", 5).test], tmp_path / "x.csv", "hard",
                 recipe_path=tmp_path / "r.json", progress=False)
+
+
+def test_hard_voting_by_habit_is_told_it_loses_to_the_plain_mean(tmp_path_factory, tmp_path: Path) -> None:
+    """Independent, equally good members (the null fixture) and ``ens search-weights --strategy hard``: the recipe
+    written is hard's plain rule (a majority of votes at 0.5), and the verdict printed gives its held-out gain over
+    the plain mean (soft voting at 0.5), which it loses to; soft's verdict, whose plain rule is that mean, needs no
+    such sentence."""
+    data = built(tmp_path_factory, "null", 5)
+    result = CliRunner().invoke(app, ["search-weights", *map(str, data.oof), "--data", str(data.root), "--folds",
+                                      str(data.folds), "--out", str(tmp_path / "hard.json"), "--cv", "--step", "0.25",
+                                      "--strategy", "hard"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "hard.json").read_text())["oof_dice"]["summary"]
+    assert summary["classes_plain"] == NUM_CLASSES
+    gain, spread = summary["cv_gain_over_mean"], summary["cv_gain_over_mean_se"]
+    assert gain < -2 * spread < 0  # reliably behind the plain mean on held-out images
+    assert (f"The hard recipe written loses to the plain mean (soft voting at 0.5) on held-out images: "
+            f"{gain:+.4f} ± {spread:.4f} Dice: the plain mean does better here (--strategy soft, or auto to "
+            "compare).") in flat(result.output)
+    soft = search(data, tmp_path / "soft.json", strategy="soft")
+    assert soft.plain_is_mean() and "soft voting at 0.5" not in soft.verdict()
 
 
 def softened(source: Path, target: Path) -> Path:

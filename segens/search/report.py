@@ -60,6 +60,22 @@ class SearchReport:
         return {name: Comparison.of(image_scores(self.classes, a), image_scores(self.classes, b), self.patients)
                 for name, (a, b) in pairs.items()}
 
+    def plain_is_mean(self) -> bool:
+        """Whether the strategy's plain rule is the plain mean at 0.5 (soft, weighted): on every class it scores
+        each held-out image exactly as that mean does. Hard voting's (a majority of votes at 0.5) is not."""
+        return all(result.held_out.get("plain") == result.held_out.get("mean") for result in self.classes)
+
+    def against_mean(self, found: dict[str, Comparison]) -> str:
+        """A sentence for a strategy whose plain rule is not the plain mean (with CV): the written recipe's held-out
+        gain over the plain mean, and where it reliably loses to it, that the mean (soft voting) does better."""
+        gain = found["recipe over mean"]
+        behind = Comparison.of(image_scores(self.classes, "mean"), image_scores(self.classes, "recipe"),
+                               self.patients).reliable
+        judged = "beats" if gain.reliable else "loses to" if behind else "is not reliably better than"
+        advice = ": the plain mean does better here (--strategy soft, or auto to compare)" if behind else ""
+        return (f"The {self.strategy} recipe written {judged} the plain mean (soft voting at 0.5) on held-out "
+                f"images: {gain.text()} Dice{advice}.")
+
     def summary(self) -> dict[str, float]:
         """Means over classes: each member, the plain mean, the recipe; with CV the held-out Dice of each and the
         gains (mean and standard error over images), and the classes at each level."""
@@ -90,11 +106,12 @@ class SearchReport:
         found = self.comparisons()
         searched = f"searched everywhere: {found['searched over mean'].text()}"
         lines = []
+        plain_written = all(c.level == "plain" for c in self.classes)  # gated, or no class moved
         if self.gated:
             lines.append(f"Searching does not beat the plain rule on held-out images: the searched recipe's gain over "
                          f"it, {self.gate.text()} Dice, is not reliably positive (it needs more than {Z:g} standard "
                          f"errors), so the recipe written is the plain rule ({searched}).")
-        elif sum(c.level != "plain" for c in self.classes) == 0:
+        elif plain_written:
             lines.append(f"Searching does not beat the plain rule on held-out images for any class ({searched}); "
                          "the recipe is the plain rule.")
         else:
@@ -107,6 +124,8 @@ class SearchReport:
                          f"{found['recipe over best member'].text()}.")
             lines.append("Each image's figure comes from levels and settings chosen without its fold." if self.fallback
                          else "No fallback: every class keeps its searched setting.")
+        if plain_written and not self.plain_is_mean():  # the sentence above compared with its own plain rule
+            lines.append(self.against_mean(found))
         if self.alternatives:
             others = "; ".join(f"{name}: {r.comparisons()['recipe over mean'].text()}"
                                for name, r in self.alternatives.items())
