@@ -200,7 +200,18 @@ def test_the_searched_calibrated_recipe_scores_what_combine_writes(searched: dic
 
 def test_calibration_is_left_off_where_members_are_calibrated(project: Path, tmp_path: Path) -> None:
     """Members whose probabilities already mean what they say (each one's maps passed through its own OOF
-    calibration): the calibrated level seldom passes the no-loss rule."""
+    calibration): the no-loss rule leaves calibration off (not the overall gate: the searched thresholds pay here,
+    so the gate passes and each class's level is the rule's own).
+
+    Why the bound is 2 and not 0: a level moves where its mean per-patient paired held-out gain beats Z = 2 standard
+    errors, and this fixture has 8 patients (16 images), so that statistic is about Student's t with 7 degrees of
+    freedom: a calibrated level that neither helps nor hurts passes by chance in P(t7 > 2) = 4.3% of classes (not
+    the normal 2.3%), about 1.2 of 29. Re-calibrating calibrated members costs a little (the refitted tables are
+    noisy), which lowers the rate: over 4 other seeds of these two members, the calibrated level's z against the
+    level before it averaged -1.36 and passed 2 in 1 class of 116 (0.9%: 1, 0, 0, 0 classes per seed; this
+    fixture: 0). At that rate 3 or more chance moves in 29 classes happen about once in 500 fixtures, while a
+    calibration that pays moves well over 2 (the uncalibrated members below). A bound of 0 would test the seed,
+    not the rule."""
     names = ("blurry", "noisy")
     stores, records = _stores(project, names), discover(project / "data", "train").records
     tables = []
@@ -220,7 +231,7 @@ def test_calibration_is_left_off_where_members_are_calibrated(project: Path, tmp
                             strategy="soft", cv=True, calibrate="isotonic", progress=False)
     before = search_weights(_paths(project, names), project / "data", project / "folds.json", tmp_path / "b.json",
                             strategy="soft", cv=True, calibrate="isotonic", progress=False)
-    assert report.summary()["classes_calibrated"] <= 2 < before.summary()["classes_calibrated"]
+    assert not report.gated and report.summary()["classes_calibrated"] <= 2 < before.summary()["classes_calibrated"]
 
 
 def test_evaluate_gives_the_calibration_error_before_and_after_the_recipe(searched: dict, project: Path,
