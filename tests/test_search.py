@@ -30,6 +30,7 @@ from segens.search import run as search_weights_module
 from segens.search.evidence import extract_class, threshold_grid
 from segens.search.kernels import hard_dice
 from segens.search.levels import make_subsets
+from segens.search.resume import partial_root
 from segens.search.run import search_weights
 from segens.search.scorer import ClassScorer as WeightedSearch
 from segens.store import create_store, open_store
@@ -450,6 +451,40 @@ def test_a_changed_input_never_reuses_a_finished_class(killed_search: dict, sear
     recipe = json.loads(out.read_text())
     assert recipe["strategy"] == options["strategy"] and recipe["search"]["step"] == options["step"]
     assert recipe["search"]["folds"] == inputs["folds"]
+    assert sorted(path.name for path in out.parent.iterdir()) == ["recipe.json"]
+
+
+def test_another_searchs_resume_files_copied_in_are_ignored_with_a_note(killed_search: dict, project: Path,
+                                                                       searched_channels: list[int], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed search's files (weighted, step 0.5, stores sharp and blurry), copied for real into the resume folder
+    of a search with other stores and settings (soft, step 0.25, stores sharp and shifted: as many members, so its
+    files fit in shape and only their key tells them apart): every class is searched and the evidence extracted
+    again, the recipe is a fresh search's, and the verdict names each class file and evidence batch it ignored."""
+    copied = [path for path in sorted(killed_search["snapshot"].rglob("*"))
+              if path.is_file() and (path.name.startswith("class-") or path.name.startswith("batch-"))]
+    assert {path.suffix for path in copied} == {".json", ".npz"} and len(copied) > STOP_AFTER
+    original, keys = search_weights_module.search_key, []  # the search's key names its resume folder
+    monkeypatch.setattr(search_weights_module, "search_key",
+                        lambda *args, **kwargs: keys.append(original(*args, **kwargs)) or keys[-1])
+    stores = [str(project / f"{name}.oof.zarr") for name in ("sharp", "shifted")]
+    data, folds = killed_search["inputs"]["data"], killed_search["inputs"]["folds"]
+    fresh = search_weights(stores, data, folds, tmp_path / "fresh" / "recipe.json", strategy="soft", step=0.25,
+                           cv=True, progress=False)
+    assert fresh.notes == [] and searched_channels == list(range(NUM_CLASSES))
+    out = tmp_path / "copied" / "recipe.json"
+    folder = partial_root(out) / keys[0][:32]
+    (folder / "evidence").mkdir(parents=True)
+    for path in copied:
+        shutil.copy2(path, (folder / "evidence" if path.suffix == ".npz" else folder) / path.name)
+    searched_channels.clear()
+    report = search_weights(stores, data, folds, out, strategy="soft", step=0.25, cv=True, progress=False)
+    assert keys[1] == keys[0] and searched_channels == list(range(NUM_CLASSES))
+    assert report.notes == [f"ignored {path.name}: it belongs to another search (other stores, labels, folds or "
+                            "settings)" for path in copied]
+    recipe, expected = _without_time(out), _without_time(tmp_path / "fresh" / "recipe.json")
+    verdict, fresh_verdict = recipe["oof_dice"].pop("verdict"), expected["oof_dice"].pop("verdict")
+    assert recipe == expected and verdict == " ".join([fresh_verdict, *report.notes])
     assert sorted(path.name for path in out.parent.iterdir()) == ["recipe.json"]
 
 

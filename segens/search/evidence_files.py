@@ -85,6 +85,20 @@ def valid_batch(folder: Path, batch: range, members: int, search: str) -> bool:
     return True
 
 
+def batch_search(folder: Path, batch: range) -> str | None:
+    """The key of the search that the batch's file names (None: no readable file there), so a file of another
+    search copied into this folder can be named in a note before it is extracted again."""
+    path = batch_path(folder, batch)
+    try:
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as archive:
+            key = archive["search"]
+            return key.tobytes().decode() if key.dtype == np.uint8 and key.ndim == 1 else None
+    except (OSError, KeyError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, EOFError):
+        return None
+
+
 def load_class(folder: Path, channel: int, images: int, members: int) -> ClassEvidence:
     """One class's evidence over all images, from the batch files (checked again as read)."""
     parts = []

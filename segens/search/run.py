@@ -19,7 +19,8 @@ from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
 from segens.search.class_search import ClassResult, search_class
 from segens.search.evidence import ClassEvidence, threshold_grid
-from segens.search.evidence_files import ClassOnDisk, batches, extract_batch, save_batch, valid_batch
+from segens.search.evidence_files import (ClassOnDisk, batch_path, batch_search, batches, extract_batch, save_batch,
+                                          valid_batch)
 from segens.search.overall import auto_candidates, choose_strategy
 from segens.search.report import SearchReport
 from segens.search.resume import FinishedClasses, labels_digest, partial_root, search_key
@@ -136,9 +137,10 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     done = set(by_class)
     evidence_folder = finished.folder / "evidence"
     patients = [key.split("/", 1)[0] for key in keys]
+    foreign_batches: list[Path] = []
     with parallel_backend(backend, scheduler), progress_bar("img", disable=not progress) as bar:
         if len(done) < NUM_CLASSES:
-            _extract_evidence(stores, records, evidence_folder, backend, jobs, bar, key)
+            foreign_batches = _extract_evidence(stores, records, evidence_folder, backend, jobs, bar, key)
         # local workers load their class themselves; Dask workers (other machines) are sent it
         sources = (ClassOnDisk(evidence_folder, channel, len(records), len(stores)) for channel in range(NUM_CLASSES)
                    if channel not in done)
@@ -163,7 +165,7 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     report.alternatives = {name: r for name, r in reports.items() if name != chosen}
     report.choice_reason = why
     report.notes += [f"ignored {path.name}: it belongs to another search (other stores, labels, folds or settings)"
-                     for path in finished.ignored]
+                     for path in [*finished.ignored, *foreign_batches]]
     settings |= {"strategy": strategy, "seconds": round(time.perf_counter() - started, 3),
                  "ambiguous_pixels": int(sum(r.ambiguous_pixels for r in report.classes))}
     save_recipe(build_recipe(report, stores, settings), out)
@@ -172,12 +174,13 @@ def search_weights(store_urls: Sequence[str | Path], root: str | Path, folds_pat
     return report
 
 
-def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, bar, search: str) -> None:
+def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, bar, search: str) -> list[Path]:
     """Every class's evidence of every image into ``folder`` (batches already there, valid and of this search are
-    kept)."""
+    kept); returns the batch files found there that belong to another search (extracted again, for a note)."""
     folder.mkdir(parents=True, exist_ok=True)
     thresholds = threshold_grid()
     todo = [batch for batch in batches(len(records)) if not valid_batch(folder, batch, len(stores), search)]
+    foreign = [batch_path(folder, batch) for batch in todo if batch_search(folder, batch) not in (None, search)]
     task = bar.add_task("evidence (every store and label read once)", total=len(records),
                         completed=len(records) - sum(len(batch) for batch in todo))
     here = folder if backend == "local" else None  # local workers write their batch; Dask workers return it
@@ -187,6 +190,7 @@ def _extract_evidence(stores, records, folder: Path, backend: str, jobs: int, ba
         if arrays is not None:
             save_batch(folder, batch, arrays, search)
         bar.update(task, advance=len(batch))
+    return foreign
 
 
 def _extracted(batch: range, stores, records, thresholds, folder: Path | None,
