@@ -312,7 +312,7 @@ SMALL_UNET = {"architecture": "Unet", "encoder": "resnet18", "options": {"decode
 
 def _spec(path: Path, **train) -> Path:
     path.write_text(yaml.safe_dump({"name": "r18", "kind": "smp", "input": {"size": 32}, "model": SMALL_UNET,
-                                    "train": {"steps": 2, "batch_size": 4, "seed": 0, **train}}))
+                                    "train": {"steps": 1, "batch_size": 4, "seed": 0, **train}}))
     return path
 
 
@@ -349,6 +349,10 @@ def test_pseudo_images_train_every_fold_never_validate_and_are_recorded(project:
         assert best["pseudo"]["recipe_sha256"] == recipe_sha and best["pseudo"]["images"] == 4
     last = torch.load(summaries[0].checkpoint.parent / "last.pt", map_location="cpu", weights_only=True)
     assert last["pseudo"]["recipe_sha256"] == recipe_sha
+    from segens.members.inspect_checkpoint import inspect_checkpoint
+
+    notes = inspect_checkpoint(summaries[0].checkpoint).notes  # `ens inspect` says so
+    assert any("trained with 4 pseudo-labelled images" in note and recipe_sha in note for note in notes)
 
     # resuming a fold with other pseudo-labels (here: none) is refused; the command line names the folder too
     _spec(spec, steps=3)

@@ -84,6 +84,10 @@ def _weights(path: Path, payload: Any) -> CheckpointReport:
         if payload.get("options"):
             report.spec["model"] = {"architecture": payload["architecture"], "encoder": payload["encoder"],
                                     "options": payload["options"]}
+        pseudo = payload.get("pseudo")
+        if isinstance(pseudo, dict):  # segens.training.loop records the pseudo-labels a checkpoint was trained with
+            report.notes.append(f"trained with {pseudo.get('images')} pseudo-labelled images of {pseudo.get('folder')}"
+                                f" (recipe sha256 {pseudo.get('recipe_sha256')})")
         return _describe_module(report, module, names_from(payload.get("classes")))
     from segens.members.kinds.torch_member import state_dict_of
 
