@@ -18,7 +18,7 @@ def search_weights(
     data: Annotated[Path, typer.Option(help="Data root with the training labels (a local path; with --backend dask on a shared file system).")],
     out: Annotated[Path, typer.Option(help="recipe.json to write (read by `ens combine --recipe`).")] = Path("recipe.json"),
     folds: Annotated[Path | None, typer.Option(help="folds.json the OOF predictions came from (needed for --cv).")] = None,
-    strategy: Annotated[str, typer.Option(help="weighted: weights + threshold per class; soft: threshold only; hard: member thresholds + vote count.")] = "weighted",
+    strategy: Annotated[str, typer.Option(help="weighted: weights + threshold per class; soft: threshold only; hard: member thresholds + vote count; auto: search every strategy and keep the one that wins on held-out images.")] = "weighted",
     step: Annotated[float, typer.Option(help="Weight grid step on the simplex, refined locally to step/4.")] = 0.1,
     method: Annotated[str, typer.Option(help="grid, or caruana (greedy selection with replacement, for many members).")] = "grid",
     cv: Annotated[bool, typer.Option(help="Repeat the search with each fold held out: an honest estimate of the gain.")] = False,

@@ -2,7 +2,7 @@
 most the classes in progress.
 
 Finished classes live in ``.<recipe name>.partial/<key>/class-NN.json`` next to the recipe, one file per class
-holding the result of every strategy searched (``--strategy auto`` searches three). The key is a sha256 of
+holding the result of every strategy searched (``--strategy auto`` searches every registered one). The key is a sha256 of
 everything the result depends on (the stores' URLs and attributes, which hold their checkpoints and spec, the
 image keys and the content of their label files, the folds, the search settings), so a changed input never reuses
 a stale class; every file also carries the whole key, so a file copied in from another search is ignored (and
