@@ -211,6 +211,14 @@ def test_bad_inputs_are_clear_errors(project: Path, labelled: Path, tmp_path: Pa
     assert not (tmp_path / "p4").exists() and not list(tmp_path.glob(".p4*"))  # nothing half-written left
     with pytest.raises(SegensError, match=r"pseudo\.json: not found"):
         load_pseudo(tmp_path)
+    gone = tmp_path / "gone"  # a test image removed after the stores were predicted: named
+    import shutil
+
+    shutil.copytree(data, gone)
+    first = discover(gone, "test").records[0]
+    first.image_path.unlink()
+    with pytest.raises(SegensError, match=rf"image '{first.key}' is not in the test split of .*gone; give the data root"):
+        pseudo_label(stores, recipe, gone, tmp_path / "p5", progress=False)
 
 
 # ---- the loss never sees ignored pixels ---------------------------------------------------------------------
@@ -387,6 +395,10 @@ def test_pseudo_labels_of_training_images_or_for_yolo_are_refused(project: Path,
     with pytest.raises(SegensError, match=r"kind yolo cannot train with pseudo-labels: ultralytics' segmentation "
                                           r"loss has no per-pixel"):
         train_member(yolo, project / "data", project / "folds.json", progress=False)
+    yolo.write_text(yaml.safe_dump({"name": "y", "kind": "yolo", "input": {"size": 64}, "train": {"epochs": 1}}))
+    with pytest.raises(SegensError, match=r"y\.yaml: kind yolo cannot train with pseudo-labels \(.*\): "
+                                          r"ultralytics' segmentation loss"):
+        train_member(yolo, project / "data", project / "folds.json", progress=False, pseudo=labelled)
     assert load_spec(spec).train.get("pseudo") is None
 
 

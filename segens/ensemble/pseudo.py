@@ -170,9 +170,17 @@ def _write_image(folder: Path, record: ImageRecord, polygons: dict, fields: dict
     try:
         os.link(record.image_path, temporary)
         os.replace(temporary, image_path)
+    except FileNotFoundError:
+        raise SegensError(f"{record.image_path}: test image {record.key!r} is gone (removed since the stores were "
+                          "predicted?); restore it or predict the stores again") from None
     except OSError:  # another file system, or links not allowed: a copy
         temporary.unlink(missing_ok=True)
-        atomic_write_bytes(image_path, Path(record.image_path).read_bytes())
+        try:
+            data = Path(record.image_path).read_bytes()
+        except OSError as exc:
+            raise SegensError(f"{record.image_path}: cannot read test image {record.key!r} "
+                              f"({exc.strerror or exc})") from None
+        atomic_write_bytes(image_path, data)
     document = label_document(Path(record.name).stem, polygons,
                               {"height": size[0], "width": size[1], "pseudo": True}, fields)
     atomic_write_text(label_path, json.dumps(document))

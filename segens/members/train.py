@@ -79,7 +79,7 @@ def pseudo_folder(spec: MemberSpec, given: str | Path | None) -> Path | None:
 def check_pseudo(spec: MemberSpec, member, folder: Path, root: Path) -> int:
     """The pseudo folder opened and checked against the member's kind and the data root: a pseudo image that is
     also one of the root's training images (it would be validated on) is an error. Its image count."""
-    if not member.trains_with_pseudo:
+    if member.train_fields is not None and not member.trains_with_pseudo:  # (one segens cannot train says so later)
         raise SegensError(f"{spec.where}: kind {spec.kind} cannot train with pseudo-labels ({folder}): "
                           f"{member.cannot_pseudo}")
     pseudo = load_pseudo(folder)
