@@ -19,7 +19,6 @@ copying the same images under new keys) and reports each child's peak RSS; the 3
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from bench.common import (
     print_table,
     row,
     run_python,
+    stores_parser,
     timed,
 )
 from bench.fixture import BenchData, bench_data, nonzero_fraction, replicated_stores
@@ -136,13 +136,9 @@ def run(workdir: Path = DEFAULT_WORKDIR, images: int = 20, repeats: int = 2, mem
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of generated stores")
-    parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = stores_parser(__doc__, images=20, repeats=2)
     parser.add_argument("--memory-images", type=int, default=300)
     parser.add_argument("--baseline-memory-images", type=int, default=4)
-    parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
     rows = run(args.workdir, args.images, args.repeats, args.memory_images, args.baseline_memory_images, args.size)
     print(machine_line())

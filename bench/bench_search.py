@@ -21,7 +21,6 @@ candidate x all candidates; the output says so. Medians over --repeats, ours and
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import zarr
 
 from bench.common import DEFAULT_WORKDIR, load_average, machine_line, median, peak_rss_mb, print_table, row, timed
+from bench.common import stores_parser
 from bench.fixture import BenchData, bench_data
 from segens.conventions.classes import CLASSES, class_index
 from segens.conventions.dataset import ImageRecord
@@ -232,15 +232,11 @@ def run(workdir: Path = DEFAULT_WORKDIR, images: int = 10, classes: Sequence[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of generated stores")
-    parser.add_argument("--images", type=int, default=10, help="OOF images used (of the cached 20)")
+    parser = stores_parser(__doc__, images=10, repeats=2)  # --images: OOF images used (of the cached 20)
     parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--brute-candidates", type=int, default=4,
                         help="candidates brute force really runs (the rest extrapolated); 0 or more than all: all")
     parser.add_argument("--step", type=float, default=0.1)
-    parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
     wanted = args.brute_candidates if args.brute_candidates > 0 else 10**9
     rows = run(args.workdir, args.images, args.classes, args.repeats, wanted, args.step, args.size)

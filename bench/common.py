@@ -3,6 +3,7 @@ synthetic members' stores they measure on are made by bench.fixture."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "segens-bench"  # $TMPDIR or the system default
+
+
+def stores_parser(doc: str | None, images: int, repeats: int) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the options every store benchmark shares: --workdir (the fixture's
+    cache), --images, --repeats and --size."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of generated stores")
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--size", type=int, default=2048)
+    return parser
 
 
 # ---- timing, memory, machine, table ------------------------------------------------------------------------

@@ -26,7 +26,6 @@ Needs the ``bench`` extra (``pip install -e ".[bench]"``): nnunetv2 and monai, i
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,7 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.common import DEFAULT_WORKDIR, load_average, machine_line, median, print_table, row, run_python, timed
+from bench.common import (DEFAULT_WORKDIR, load_average, machine_line, median, print_table, row, run_python,
+                          stores_parser, timed)
 from bench.fixture import BenchData, bench_data
 from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.rle import decode_stack, encode_stack
@@ -262,12 +262,8 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of generated stores and npz")
-    parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = stores_parser(__doc__, images=20, repeats=2)
     parser.add_argument("--rss-images", type=int, default=4)
-    parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
     result = run(args.workdir, args.images, args.repeats, args.rss_images, args.size)
     print(machine_line())
