@@ -367,6 +367,13 @@ def test_pseudo_images_train_every_fold_never_validate_and_are_recorded(project:
     with pytest.raises(SegensError, match=r"last\.pt: this fold was started with the pseudo-labels of .* and is now "
                                           r"trained without pseudo-labels"):
         train_member(spec, project / "data", project / "folds.json", fold="0", progress=False)
+    other = tmp_path / "other"
+    pseudo_label(_test_stores(project), project / "recipe.json", project / "data", other, progress=False,
+                 ignore=False)
+    result = CliRunner().invoke(app, ["train-member", str(spec), "--data", str(project / "data"), "--folds",
+                                      str(project / "folds.json"), "--fold", "0", "--pseudo", str(other)])
+    assert result.exit_code == 1 and "is now trained with the pseudo-labels of " + str(other.resolve()) in \
+        str(result.exception)
 
 
 def test_pseudo_labels_of_training_images_or_for_yolo_are_refused(project: Path, labelled: Path,
