@@ -47,7 +47,8 @@ def parse_fold_choice(choice: str, k: int) -> list[int]:
 
 
 def _train_one(spec_path: Path, root: Path, folds_path: Path, number: int, device: str, base: Path,
-               progress: bool, trust_pickle: bool = False, pseudo: Path | None = None) -> tuple[int, FoldResult, int, int]:
+               progress: bool, trust_pickle: bool = False,
+               pseudo: Path | None = None) -> tuple[int, FoldResult, int, int]:
     """Train one fold in this process (a joblib worker when --jobs > 1); ``pseudo``: a pseudo-label folder whose
     images join the fold's training images (never its validation images)."""
     spec = load_spec(spec_path)

@@ -232,7 +232,8 @@ def _pseudo_words(identity: dict[str, Any] | None) -> str:
     """How an error names the pseudo-labels a fold was trained with."""
     if identity is None:
         return "without pseudo-labels"
-    return f"with the pseudo-labels of {identity.get('folder')} (recipe sha256 {str(identity.get('recipe_sha256'))[:12]})"
+    recipe = str(identity.get("recipe_sha256"))[:12]
+    return f"with the pseudo-labels of {identity.get('folder')} (recipe sha256 {recipe})"
 
 
 def _train_epoch(model, loader, optimizer, plateau, scaler, loss_fn, precision: Precision, recipe: NetworkRecipe,
