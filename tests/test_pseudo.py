@@ -192,6 +192,18 @@ def test_unfiltered_without_ignore_writes_every_pair_with_a_polygon(project: Pat
     assert not any(folder.ignore(record.key).any() for record in folder.records)
 
 
+def test_a_hard_vote_recipe_labels_with_vote_shares(project: Path, tmp_path: Path) -> None:
+    """With hard votes the confidence is the mean vote share inside the mask (more than half: a strict majority
+    kept each pixel) and the band is around the share needed."""
+    oof = [project / "stores" / f"{name}.oof.zarr" for name in MEMBERS]
+    search_weights(oof, project / "data", None, tmp_path / "hard.json", strategy="hard", postprocess=False,
+                   progress=False)
+    summary = pseudo_label(_test_stores(project), tmp_path / "hard.json", project / "data", tmp_path / "p",
+                           min_confidence=0, progress=False, jobs=2)
+    written = [row for row in summary.rows if row.written]
+    assert len(written) > 60 and all(0.5 < row.confidence <= 1 for row in written)
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------------------
 
 def test_bad_inputs_are_clear_errors(project: Path, labelled: Path, tmp_path: Path) -> None:
