@@ -216,8 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:  # tiny networks: one thread is faster than two fighting over a shared CPU (36 s against 78 s)
         torch.set_num_threads(1)
     try:
-        results = [run_seed(seed, config, args.member, workdir, args.device, args.quick, filters, _log)
-                   for seed in seeds]
+        results = []
+        for number, seed in enumerate(seeds, 1):
+            results.append(run_seed(seed, config, args.member, workdir, args.device, args.quick, filters, _log))
+            spent = time.perf_counter() - started
+            if number < len(seeds):
+                _log(f"{number} of {len(seeds)} seeds in {spent / 60:.1f} min; about "
+                     f"{spent / number * (len(seeds) - number) / 60:.0f} min left")
     finally:
         torch.set_num_threads(threads)
     report = {"config": config.name if not args.quick else "quick", "member": args.member, "seeds": seeds,
