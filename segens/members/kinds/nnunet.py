@@ -103,7 +103,7 @@ class NnunetMember(ArraysMember):
         folders: list[Path] = []
         for entry in [given] if isinstance(given, str) else given:
             path = self._resolve(entry)
-            if glob.has_magic(entry):
+            if any(mark in entry for mark in "*?["):  # a glob of folders
                 matched = sorted(Path(found) for found in glob.glob(str(path)) if Path(found).is_dir())
                 if not matched:
                     raise SegensError(f"{path}: no folder matches this {split} pattern (member {self.spec.name!r})")
