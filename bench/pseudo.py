@@ -9,19 +9,25 @@ Per seed (``--seeds``, default 0 1 2; the seed makes the synthetic data, the fol
 2. two pseudo-label folders of every test image (``ens pseudo-label``): **unfiltered** (``--max-qc-score 1
    --min-confidence 0 --no-ignore``: every class's mask as its label, as the seed team did) and **filtered** (the
    defaults: qc score <= 0.4, confidence >= 0.7, ignore masks);
-3. one member (``--member``, default unetpp-mobilenetv2) in three variants, same spec, seed and step budget:
-   (a) without pseudo-labels (the ensemble's own training of it), (b) with the unfiltered, (c) with the filtered
-   pseudo-labels (``ens train-member --pseudo``);
+3. one member (``--member``, default unetpp-mobilenetv2, an smp member) in three variants, same spec, seed and
+   step budget (the spec's ``train.steps``, as the demo trains it): (a) without pseudo-labels (the ensemble's own
+   training of it), (b) with the unfiltered, (c) with the filtered pseudo-labels (``ens train-member --pseudo``).
+   At a fixed step budget the pseudo images take steps from the real ones (each real image is seen less often),
+   and the demo's members are far from converged at 250 steps; ``--budget epochs`` (or ``both``) also trains
+   (a+), (b+), (c+) with the steps scaled by (real + test images) / real images per fold, so that (b+) and (c+)
+   see each real image as often as (a) does, and (a+) is the same compute without pseudo-labels;
 4. each variant's test store (its folds' mean) combined at 0.5 and scored with the competition's Dice on the test
    labels. The test labels are used for nothing else: pseudo-label reads the test images and the training labels
    (qc's area ranges); its qc.csv lists true Dice only as a report.
 The table gives each variant's test Dice per seed, the mean ± the standard deviation over seeds, and the paired
-difference from (a). A test image is both pseudo-labelled and scored (the seed team's setting: the test set
+difference from (a) (from (a+) for (b+) and (c+)). A test image is both pseudo-labelled and scored (the seed team's setting: the test set
 labelled by the ensemble, the member scored on it): the question is whether the member learns more than its own
 errors from the ensemble's labels.
 
-Run (the full run, about 45 minutes on 2 CPU cores: printed at the start):
-    .venv/bin/python -m bench.pseudo [--seeds 0 1 2] [--member unetpp-mobilenetv2] [--device cpu] [--workdir DIR]
+Run (the full run: about 55 minutes on 2 idle CPU cores with --budget steps, about 3 hours with both; the estimate
+is printed at the start, the time left after each seed):
+    .venv/bin/python -m bench.pseudo [--budget steps|epochs|both] [--seeds 0 1 2] [--member unetpp-mobilenetv2]
+                                     [--device cpu] [--workdir DIR]
     .venv/bin/python -m bench.pseudo --quick      # tiny sizes, one seed, smp members only: well under a minute
 """
 
@@ -39,6 +45,7 @@ from typing import Any
 import torch
 
 from bench.common import DEFAULT_WORKDIR, load_average, machine, machine_line
+from segens.conventions.dataset import discover
 from segens.demo.config import FULL, QUICK, DemoConfig, member_specs
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
@@ -54,10 +61,18 @@ from segens.synth import generate
 
 VARIANTS = {"a": "without pseudo-labels", "b": "unfiltered pseudo-labels, no ignore masks",
             "c": "filtered pseudo-labels with ignore masks"}
-EXPECTED_SECONDS_PER_SEED = 445 + 41 + 26 + 2 * 160 + 60
-"""The full run's estimate per seed on 2 CPU cores: the demo's measured member training (445 s), prediction (41 s)
-and recipe search (26 s, README), two retrainings of one member (about 160 s each with the pseudo images) and
-pseudo-labelling, prediction and scoring (about 60 s)."""
+BASE_SECONDS, RETRAIN_SECONDS = 445 + 41 + 26 + 40, 250
+"""The full run's estimate on 2 CPU cores: per seed the demo's measured member training (445 s), prediction (41 s)
+and recipe search (26 s, README) and two pseudo-label folders (11 s each, measured on the demo's stores), then per
+retraining of unetpp-mobilenetv2 at its 250 steps about 250 s with prediction and scoring (314 s measured on a
+loaded 2-core machine); (a+), (b+), (c+) take their step factor times that."""
+
+
+def expected_seconds(config: DemoConfig, budgets: tuple[str, ...]) -> float:
+    """The estimate of one seed's seconds (BASE_SECONDS, RETRAIN_SECONDS)."""
+    real = 2 * config.train_patients * (config.k - 1) / config.k
+    factor = (real + 2 * config.test_patients) / real
+    return BASE_SECONDS + RETRAIN_SECONDS * (2 * ("steps" in budgets) + 3 * factor * ("epochs" in budgets))
 
 
 TINY_MODEL = {"model.architecture": "Unet", "model.encoder": "resnet18",
@@ -88,7 +103,7 @@ def test_dice(store: Path, root: Path, out: Path) -> float:
 
 
 def run_seed(seed: int, config: DemoConfig, member: str, workdir: Path, device: str, quick: bool,
-             filters: dict[str, float], log) -> dict[str, Any]:
+             filters: dict[str, float], budgets: tuple[str, ...], log) -> dict[str, Any]:
     """One seed's ensemble, pseudo folders and the three variants' test Dice, with the seconds of each stage."""
     base = workdir / f"seed{seed}"
     shutil.rmtree(base, ignore_errors=True)  # nothing resumed from an earlier run
@@ -107,8 +122,9 @@ def run_seed(seed: int, config: DemoConfig, member: str, workdir: Path, device: 
                  overwrite=True),
         save_folds(make_folds(root, k=config.k, seed=seed)[0], folds_path)))
     specs = seeded_specs(config, seed)
-    if member not in specs:
-        raise SystemExit(f"--member {member!r} is not one of the demo's members here: {', '.join(specs)}")
+    if member not in specs or specs[member].kind != "smp":
+        raise SystemExit(f"--member {member!r} is not one of the demo's smp members here (YOLO cannot train with "
+                         f"pseudo-labels): {', '.join(name for name in specs if specs[name].kind == 'smp')}")
 
     def train_ensemble() -> None:
         for name, spec in specs.items():
@@ -147,18 +163,26 @@ def run_seed(seed: int, config: DemoConfig, member: str, workdir: Path, device: 
         counts["c"] = {"annotated": 0, "pairs": 0, "ignored_share": 0.0}
         del folders["c"]
 
-    dice = {"a": stage("score (a)", lambda: test_dice(stores / f"{member}.test.zarr", root, base / "a")),
-            "c": float("nan")}
-    for variant, folder in folders.items():
-        spec = dataclasses.replace(specs[member], name=f"{member}-{variant}", checkpoints={})
+    dice = {variant + suffix: float("nan") for variant in VARIANTS for suffix in ("", "+")}
+    dice["a"] = stage("score (a)", lambda: test_dice(stores / f"{member}.test.zarr", root, base / "a"))
+    steps = int(specs[member].train["steps"])
+    runs = [(variant, folder, steps) for variant, folder in folders.items()] if "steps" in budgets else []
+    if "epochs" in budgets:  # every real image seen as often as in (a): the steps scaled by (real + test) / real
+        real = len(discover(root, "train").records) * (config.k - 1) / config.k
+        more = round(steps * (real + len(discover(root, "test").records)) / real)
+        runs += [(variant + "+", folders.get(variant), more) for variant in ("a", *folders)]
+    for variant, folder, budget in runs:
+        spec = dataclasses.replace(specs[member], name=f"{member}-{variant.replace('+', 'e')}", checkpoints={},
+                                   train={**specs[member].train, "steps": budget})
         path = save_spec(spec, base / "retrained" / f"{spec.name}.yaml")
-        stage(f"retrain ({variant})", lambda: train_member(path, root, folds_path, device=device, jobs=config.jobs,
-                                                           progress=False, overwrite=True, pseudo=folder))
+        stage(f"retrain ({variant}, {budget} steps)", lambda: train_member(
+            path, root, folds_path, device=device, jobs=config.jobs, progress=False, overwrite=True, pseudo=folder))
         store = stores / f"{spec.name}.test.zarr"
         stage(f"predict ({variant})", lambda: predict_member(path, "test", root, store, overwrite=True,
                                                              device=device, progress=False))
-        dice[variant] = stage(f"score ({variant})", lambda: test_dice(store, root, base / variant))
-    return {"seed": seed, "dice": dice, "pseudo": counts, "seconds": seconds}
+        dice[variant] = stage(f"score ({variant})", lambda: test_dice(store, root, base / spec.name))
+    return {"seed": seed, "dice": dice, "pseudo": counts, "seconds": seconds,
+            "steps": {"steps": steps, "epochs": runs[-1][2] if "epochs" in budgets else None}}
 
 
 def spread(values: list[float]) -> str:
@@ -168,16 +192,25 @@ def spread(values: list[float]) -> str:
 
 
 def table(results: list[dict[str, Any]], member: str) -> str:
-    """The printed table: per variant its test Dice per seed, mean ± sd, and the paired difference from (a)."""
+    """The printed table: per variant run its test Dice per seed, mean ± sd, and the paired difference from the
+    variant without pseudo-labels of the same budget ((a), or (a+))."""
     seeds = [result["seed"] for result in results]
-    lines = [f"held-out (test) Dice of {member}, retrained; mean ± sd over seeds {', '.join(map(str, seeds))}",
-             f"{'variant':<46}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean ± sd':>18}"
+    steps = results[0]["steps"]
+    lines = [f"held-out (test) Dice of {member}, retrained; mean ± sd over seeds {', '.join(map(str, seeds))}; "
+             f"(a), (b), (c): {steps['steps']} steps"
+             + (f"; (a+), (b+), (c+): {steps['epochs']} steps (each real image seen as often as in (a))"
+                if steps["epochs"] else ""),
+             f"{'variant':<50}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean ± sd':>18}"
              + f"{'minus (a)':>20}"]
-    for variant, what in VARIANTS.items():
-        values = [result["dice"][variant] for result in results]
-        gains = [result["dice"][variant] - result["dice"]["a"] for result in results]
-        lines.append(f"({variant}) {what:<42}" + "".join(f"{v:>9.4f}" for v in values) + f"{spread(values):>18}"
-                     + (f"{spread(gains):>20}" if variant != "a" else f"{'':>20}"))
+    for suffix in ("", "+"):
+        for variant, what in VARIANTS.items():
+            key = variant + suffix
+            values = [result["dice"][key] for result in results]
+            if all(value != value for value in values):  # not run (nan)
+                continue
+            gains = [result["dice"][key] - result["dice"]["a" + suffix] for result in results]
+            lines.append(f"({key}) {what:<{46 - len(suffix)}}" + "".join(f"{v:>9.4f}" for v in values)
+                         + f"{spread(values):>18}" + (f"{spread(gains):>20}" if variant != "a" else f"{'':>20}"))
     for variant in ("b", "c"):
         counts = [result["pseudo"][variant] for result in results]
         lines.append(f"({variant}) pairs annotated: " + ", ".join(f"{c['annotated']}/{c['pairs']}" for c in counts)
@@ -197,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "pseudo")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, smp members only")
+    parser.add_argument("--budget", choices=("steps", "epochs", "both"), default="steps",
+                        help="steps: the spec's steps for every variant (as the demo trains); epochs: (a+), (b+), "
+                             "(c+) with the steps scaled so that each real image is seen as often as in (a); both")
     parser.add_argument("--max-qc-score", type=float, default=MAX_QC_SCORE, help="(c)'s filter")
     parser.add_argument("--min-confidence", type=float, default=None,
                         help=f"(c)'s filter (default {MIN_CONFIDENCE}; --quick: 0, its 2-step members are unsure)")
@@ -204,10 +240,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = quick_config() if args.quick else FULL
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     workdir = args.workdir / ("quick" if args.quick else "full")
+    budgets = ("steps", "epochs") if args.budget == "both" else (args.budget,)
     started = time.perf_counter()
     if not args.quick:
-        print(f"expected time: about {len(seeds) * EXPECTED_SECONDS_PER_SEED / 60:.0f} minutes on 2 CPU cores "
-              f"({EXPECTED_SECONDS_PER_SEED / 60:.0f} per seed; less on a GPU); load average {load_average()}",
+        per_seed = expected_seconds(config, budgets)
+        print(f"expected time: about {len(seeds) * per_seed / 60:.0f} minutes on 2 idle CPU cores "
+              f"({per_seed / 60:.0f} per seed; less on a GPU); load average {load_average()}",
               flush=True)
     filters = {"max_qc_score": args.max_qc_score,
                "min_confidence": args.min_confidence if args.min_confidence is not None else
@@ -218,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         results = []
         for number, seed in enumerate(seeds, 1):
-            results.append(run_seed(seed, config, args.member, workdir, args.device, args.quick, filters, _log))
+            results.append(run_seed(seed, config, args.member, workdir, args.device, args.quick, filters, budgets,
+                                    _log))
             spent = time.perf_counter() - started
             if number < len(seeds):
                 _log(f"{number} of {len(seeds)} seeds in {spent / 60:.1f} min; about "

@@ -445,12 +445,14 @@ def test_the_command_writes_the_folder_and_its_defaults_are_the_library_s(projec
 
 @pytest.mark.slow
 def test_bench_quick_runs_every_variant(tmp_path: Path) -> None:
-    """bench/pseudo.py --quick (about 40 s on 2 idle cores): the ensemble, both pseudo folders, the three variants
-    scored on the test labels."""
+    """bench/pseudo.py --quick --budget both (about 30 s on 2 idle cores): the ensemble, both pseudo folders, the
+    six variants scored on the test labels."""
     from bench import pseudo as bench
 
-    report = bench.main(["--quick", "--workdir", str(tmp_path)])
+    report = bench.main(["--quick", "--budget", "both", "--workdir", str(tmp_path)])
     (result,) = report["results"]
-    assert set(result["dice"]) == {"a", "b", "c"} and all(0 <= d <= 1 for d in result["dice"].values())
+    assert set(result["dice"]) == {"a", "b", "c", "a+", "b+", "c+"}
+    assert all(0 <= d <= 1 for d in result["dice"].values())
+    assert result["steps"] == {"steps": 1, "epochs": 2}  # 3 real images a fold and 2 test images: 1 x 5 / 3
     assert result["pseudo"]["b"]["ignored_share"] == 0 and result["pseudo"]["c"]["annotated"] > 0
     assert (tmp_path / "quick" / "pseudo_bench.json").is_file()
