@@ -50,6 +50,7 @@ from segens.demo.config import FULL, QUICK, DemoConfig, member_specs
 from segens.ensemble.combine import combine
 from segens.ensemble.evaluate import evaluate_submission
 from segens.ensemble.pseudo import MAX_QC_SCORE, MIN_CONFIDENCE, pseudo_label
+from segens.ensemble.qc import BAND
 from segens.errors import SegensError
 from segens.folds.file import save_folds
 from segens.folds.splits import make_folds
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="steps: the spec's steps for every variant (as the demo trains); epochs: (a+), (b+), "
                              "(c+) with the steps scaled so that each real image is seen as often as in (a); both")
     parser.add_argument("--max-qc-score", type=float, default=MAX_QC_SCORE, help="(c)'s filter")
+    parser.add_argument("--band", type=float, default=BAND, help="(c)'s ignore band around the threshold")
     parser.add_argument("--min-confidence", type=float, default=None,
                         help=f"(c)'s filter (default {MIN_CONFIDENCE}; --quick: 0, its 2-step members are unsure)")
     args = parser.parse_args(argv)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"expected time: about {len(seeds) * per_seed / 60:.0f} minutes on 2 idle CPU cores "
               f"({per_seed / 60:.0f} per seed; less on a GPU); load average {load_average()}",
               flush=True)
-    filters = {"max_qc_score": args.max_qc_score,
+    filters = {"max_qc_score": args.max_qc_score, "band": args.band,
                "min_confidence": args.min_confidence if args.min_confidence is not None else
                (0.0 if args.quick else MIN_CONFIDENCE)}
     threads = torch.get_num_threads()
