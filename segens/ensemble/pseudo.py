@@ -39,19 +39,17 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
-from segens.conventions.dataset import IMAGE_DIR, LABEL_DIR, ImageRecord, discover
+from segens.conventions.dataset import IMAGE_DIR, LABEL_DIR, ImageRecord
 from segens.conventions.labels import label_document
-from segens.ensemble.combine import check_recipe, class_values, masked_values, resolve_settings
+from segens.ensemble.combine import class_values, masked_values
 from segens.ensemble.pseudo_folder import (IGNORE_STORE, PAIRS, QC, SPLIT, VERSION, Filters, Manifest,
                                            create_ignore_store, write_manifest)
-from segens.ensemble.qc import BAND, ensemble_score, quality_control
-from segens.ensemble.stores import check_stores
+from segens.ensemble.qc import BAND, ensemble_score, open_with_recipe, quality_control
 from segens.errors import SegensError
 from segens.infra.atomic import atomic_write, atomic_write_bytes, atomic_write_text, temporary_name
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
-from segens.store import SCALE, ProbabilityStore, open_store
-from segens.voting.recipe import load_recipe
+from segens.store import SCALE, ProbabilityStore
 
 MAX_QC_SCORE = 0.4
 """Default filter: pairs with a higher qc score get no annotation."""
@@ -201,23 +199,13 @@ def pseudo_label(store_urls: Sequence[str | Path], recipe_path: str | Path, root
     check_outputs([Output(out, "folder", "--out")], inputs=[*store_urls, recipe_path, root], overwrite=overwrite)
     if not store_urls:
         raise SegensError("give at least one store (the members' test stores)")
-    stores = [open_store(url) for url in store_urls]
+    opened = open_with_recipe(store_urls, recipe_path, root, force, "pseudo-label")
+    stores, settings, keys, present, records = (opened.stores, opened.settings, opened.keys, opened.present,
+                                                opened.records)
     if any(store.split != "test" for store in stores):
         store = next(store for store in stores if store.split != "test")
         raise SegensError(f"{store.url}: a {store.split} store; pseudo-labels are for test images: give the members' "
                           "test stores (`ens predict-member --split test`)")
-    if any(store.fold is not None for store in stores):
-        raise SegensError("pseudo-label reads stores of the folds' mean, not per-fold stores")
-    recipe = load_recipe(recipe_path)
-    check_recipe(recipe, stores, force)
-    keys, present, _ = check_stores(stores, allow_missing=False)
-    settings = resolve_settings(recipe.strategy, [store.member for store in stores], recipe,
-                                recipe_where=str(recipe_path))
-    records = discover(root, "test", require_labels=False).by_key()
-    unknown = [key for key in keys if key not in records]
-    if unknown:
-        raise SegensError(f"{stores[0].url}: image {unknown[0]!r} is not in the test split of {root}; give the data "
-                          "root the stores were predicted on")
     recipe_sha256 = hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()
     staging = temporary_name(out)
     try:
@@ -247,7 +235,7 @@ def pseudo_label(store_urls: Sequence[str | Path], recipe_path: str | Path, root
         write_pairs(rows, staging / PAIRS)
         write_manifest(staging, Manifest(
             format="segens-pseudo-labels", version=VERSION,
-            recipe={"path": str(Path(recipe_path).resolve()), "sha256": recipe_sha256, "strategy": recipe.strategy},
+            recipe={"path": str(Path(recipe_path).resolve()), "sha256": recipe_sha256, "strategy": opened.recipe.strategy},
             stores=[{"url": str(store.url), "member": store.member,
                      "checkpoints": {str(f): str(c["sha256"]) for f, c in store.checkpoints.items()}}
                     for store in stores],

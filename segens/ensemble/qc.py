@@ -36,17 +36,17 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from segens.conventions.classes import CLASSES, NUM_CLASSES
-from segens.conventions.dataset import discover, read_record_mask
+from segens.conventions.dataset import ImageRecord, discover, read_record_mask
 from segens.conventions.dice import dice_from_counts
-from segens.ensemble.combine import check_recipe, class_values, resolve_settings
+from segens.ensemble.combine import Settings, check_recipe, class_values, resolve_settings
 from segens.ensemble.stores import check_stores
 from segens.errors import SegensError
 from segens.infra.atomic import atomic_write
 from segens.infra.outputs import Output, check_outputs
 from segens.infra.progress import progress_bar
-from segens.store import LEVELS, open_store
+from segens.store import LEVELS, ProbabilityStore, open_store
 from segens.voting.morphology import apply_postprocessing
-from segens.voting.recipe import load_recipe
+from segens.voting.recipe import Recipe, load_recipe
 from segens.voting.registry import get_strategy
 from segens.voting.rules import normalise_weights
 
@@ -264,6 +264,40 @@ def validation(rows: Sequence[QcRow]) -> dict[str, float]:
             "chance_recall": count / len(rows)}
 
 
+@dataclass
+class RecipeStores:
+    """Stores of the folds' mean (or OOF stores) checked against a recipe: the recipe and its settings, the image
+    keys in competition order, the (images, members) presence matrix and each image's record in the data root."""
+
+    stores: list[ProbabilityStore]
+    recipe: Recipe
+    settings: Settings
+    keys: list[str]
+    present: np.ndarray
+    records: dict[str, ImageRecord]
+
+
+def open_with_recipe(store_urls: Sequence[str | Path], recipe_path: str | Path, root: str | Path, force: bool,
+                     command: str) -> RecipeStores:
+    """Open the stores and check them against the recipe and the data root (``command`` names the caller in
+    errors); per-fold stores, a recipe of other members and images the data root lacks are errors."""
+    stores = [open_store(url) for url in store_urls]
+    if any(store.fold is not None for store in stores):
+        raise SegensError(f"{command} reads stores of the folds' mean (or OOF stores), not per-fold stores")
+    recipe = load_recipe(recipe_path)
+    check_recipe(recipe, stores, force)
+    keys, present, _ = check_stores(stores, allow_missing=False)
+    settings = resolve_settings(recipe.strategy, [store.member for store in stores], recipe,
+                                recipe_where=str(recipe_path))
+    split = "train" if stores[0].split == "oof" else "test"
+    records = discover(root, split, require_labels=False).by_key()
+    unknown = [key for key in keys if key not in records]
+    if unknown:
+        raise SegensError(f"{stores[0].url}: image {unknown[0]!r} is not in the {split} split of {root}; give the "
+                          "data root the stores were predicted on")
+    return RecipeStores(stores, recipe, settings, keys, present, records)
+
+
 def quality_control(store_urls: Sequence[str | Path], recipe_path: str | Path, root: str | Path, out: str | Path,
                     plot: str | Path | None = None, jobs: int = 1, force: bool = False, progress: bool = True,
                     overwrite: bool = False, overlays: tuple[int, str | Path] | None = None) -> QcResult:
@@ -274,20 +308,10 @@ def quality_control(store_urls: Sequence[str | Path], recipe_path: str | Path, r
     check_outputs([Output(out, "file", "--out"), Output(plot, option="--plot"),
                    Output(overlays[1] if overlays else None, "folder", "--overlays")],
                   inputs=[*store_urls, recipe_path, root], overwrite=overwrite)
-    stores = [open_store(url) for url in store_urls]
-    if any(store.fold is not None for store in stores):
-        raise SegensError("qc reads stores of the folds' mean (or OOF stores), not per-fold stores")
-    recipe = load_recipe(recipe_path)
-    check_recipe(recipe, stores, force)
-    keys, present, _ = check_stores(stores, allow_missing=False)
-    settings = resolve_settings(recipe.strategy, [store.member for store in stores], recipe,
-                                recipe_where=str(recipe_path))
+    opened = open_with_recipe(store_urls, recipe_path, root, force, "qc")
+    stores, recipe, settings, keys, present, records = (opened.stores, opened.recipe, opened.settings, opened.keys,
+                                                        opened.present, opened.records)
     areas = area_model(root, jobs, progress)
-    split = "train" if stores[0].split == "oof" else "test"
-    records = {record.key: record for record in discover(root, split, require_labels=False).records}
-    unknown = [key for key in keys if key not in records]
-    if unknown:
-        raise SegensError(f"{stores[0].url}: image {unknown[0]!r} is not in the {split} split of {root}")
     rows: list[QcRow] = []
     with progress_bar("img", disable=not progress) as bar:
         task = bar.add_task(f"qc ({recipe.strategy})", total=len(keys))
