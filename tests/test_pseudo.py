@@ -21,7 +21,7 @@ from segens.conventions.dataset import discover, read_record_mask
 from segens.conventions.labels import parse_label_json, read_label_mask
 from segens.ensemble.combine import combine
 from segens.ensemble.pseudo import pseudo_label, single_polygon
-from segens.ensemble.pseudo_folder import load_pseudo
+from segens.store.pseudo_folder import load_pseudo
 from segens.errors import SegensError
 from segens.folds.file import save_folds
 from segens.folds.splits import make_folds

@@ -19,7 +19,7 @@ Per test image and class:
   pair's label equals the ensemble's mask exactly. Without ``ignore`` (the seed team's way, for comparison) no
   pixel is ignored: every pair that has a polygon is written whatever its score, and filtered pairs (if any
   filter is set) are simply empty.
-An image with no written pair is left out. See segens.ensemble.pseudo_folder for the folder this writes.
+An image with no written pair is left out. See segens.store.pseudo_folder for the folder this writes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from segens.conventions.classes import CLASSES, NUM_CLASSES
 from segens.conventions.dataset import IMAGE_DIR, LABEL_DIR, ImageRecord
 from segens.conventions.labels import label_document
 from segens.ensemble.combine import class_values, masked_values
-from segens.ensemble.pseudo_folder import (IGNORE_STORE, PAIRS, QC, SPLIT, VERSION, Filters, Manifest,
+from segens.store.pseudo_folder import (IGNORE_STORE, PAIRS, QC, SPLIT, VERSION, Filters, Manifest,
                                            create_ignore_store, write_manifest)
 from segens.ensemble.qc import BAND, ensemble_score, open_with_recipe, quality_control
 from segens.errors import SegensError
@@ -188,7 +188,7 @@ def pseudo_label(store_urls: Sequence[str | Path], recipe_path: str | Path, root
                  max_qc_score: float = MAX_QC_SCORE, min_confidence: float = MIN_CONFIDENCE, band: float = BAND,
                  ignore: bool = True, jobs: int = 1, force: bool = False, progress: bool = True,
                  overwrite: bool = False) -> PseudoSummary:
-    """Write the pseudo-label folder ``out`` (segens.ensemble.pseudo_folder) for the test images of the members'
+    """Write the pseudo-label folder ``out`` (segens.store.pseudo_folder) for the test images of the members'
     test stores, judged with the recipe (module docstring); ``root``: the data root the stores were predicted on
     (its training labels give qc's area ranges). Everything is checked before anything is written; the folder is
     built beside ``out`` and moved into place when complete (an existing ``out`` is replaced only with

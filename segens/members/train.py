@@ -10,7 +10,7 @@ from pathlib import Path
 from joblib import Parallel, delayed
 
 from segens.conventions.dataset import discover
-from segens.ensemble.pseudo_folder import load_pseudo
+from segens.store.pseudo_folder import load_pseudo
 from segens.errors import SegensError
 from segens.folds.file import load_folds
 from segens.infra.backend import check_jobs

@@ -6,7 +6,7 @@ outside, ``IGNORE`` (255) where the ignore mask says the label may be wrong. Aug
 interpolation, so 255 stays 255; the loss treats a target of 255 as 'not seen'. The ignore mask (stored at the
 image's original size) is resized to the input size conservatively: an input pixel is ignored when any original
 pixel under it is. This package does not read the pseudo folder itself: the members' driver hands it a
-``PseudoSource`` (segens.ensemble.pseudo_folder.PseudoFolder).
+``PseudoSource`` (segens.store.pseudo_folder.PseudoFolder).
 """
 
 from __future__ import annotations
