@@ -228,6 +228,7 @@ def test_folders_import_one_way() -> None:
     assert edges["training"] <= {"synth", "conventions", "infra"} and "members" not in edges["folds"]
     assert "training" in edges["members"]  # the member kinds use the one training package
     assert "search" not in edges["ensemble"] and "members" not in edges["search"] | edges["ensemble"]
+    assert not {"ensemble", "search", "voting"} & edges["members"]  # members sit below the ensemble layers
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in edges[start])
