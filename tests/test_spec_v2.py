@@ -87,7 +87,7 @@ def test_in_channels_of_a_version_1_smp_spec_becomes_input_channels(tmp_path: Pa
     ({"classes": [*CLASSES[:-1], "Femur"]}, "class name 'Femur' is not one of the competition's"),
     ({"classes": CLASSES[:-1]}, "class 'Ulna' is missing"),
     ({"classes": [*CLASSES, "Ulna"]}, "class name 'Ulna' appears more than once"),
-    ({"kind": "keras"}, "unknown kind 'keras'; known kinds: arrays, csv, smp, torch, yolo"),
+    ({"kind": "keras"}, "unknown kind 'keras'; known kinds: arrays, csv, nnunet, smp, torch, yolo"),
     ({"name": "../../etc"}, r"member name '\.\./\.\./etc' is not a safe name"),
     ({"name": "a/b"}, "not a safe name"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer, got 0"),
