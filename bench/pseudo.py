@@ -24,8 +24,8 @@ difference from (a) (from (a+) for (b+) and (c+)). A test image is both pseudo-l
 labelled by the ensemble, the member scored on it): the question is whether the member learns more than its own
 errors from the ensemble's labels.
 
-Run (the full run: about 55 minutes on 2 idle CPU cores with --budget steps, about 3 hours with both; the estimate
-is printed at the start, the time left after each seed):
+Run (the full run on 2 idle CPU cores: about 25 minutes with --budget steps, about 65 minutes with both; the
+estimate is printed at the start, the time left after each seed):
     .venv/bin/python -m bench.pseudo [--budget steps|epochs|both] [--seeds 0 1 2] [--member unetpp-mobilenetv2]
                                      [--device cpu] [--workdir DIR]
     .venv/bin/python -m bench.pseudo --quick      # tiny sizes, one seed, smp members only: well under a minute
@@ -62,11 +62,11 @@ from segens.synth import generate
 
 VARIANTS = {"a": "without pseudo-labels", "b": "unfiltered pseudo-labels, no ignore masks",
             "c": "filtered pseudo-labels with ignore masks"}
-BASE_SECONDS, RETRAIN_SECONDS = 445 + 41 + 26 + 40, 250
-"""The full run's estimate on 2 CPU cores: per seed the demo's measured member training (445 s), prediction (41 s)
-and recipe search (26 s, README) and two pseudo-label folders (11 s each, measured on the demo's stores), then per
-retraining of unetpp-mobilenetv2 at its 250 steps about 250 s with prediction and scoring (314 s measured on a
-loaded 2-core machine); (a+), (b+), (c+) take their step factor times that."""
+BASE_SECONDS, RETRAIN_SECONDS = 300, 90
+"""The full run's estimate on 2 idle CPU cores (measured: AMD EPYC, load 2 from the run's own two processes): per
+seed the demo's member training, prediction, recipe search and two pseudo-label folders (255-270 s, 15 s, 12-14 s,
+7 s), then per retraining of unetpp-mobilenetv2 at its 250 steps about 90 s with prediction and scoring (78-96 s);
+(a+), (b+), (c+) take their step factor times that (250-266 s measured at 750 steps)."""
 
 
 def expected_seconds(config: DemoConfig, budgets: tuple[str, ...]) -> float:
