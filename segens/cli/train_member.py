@@ -32,7 +32,7 @@ def train_member(
     after each fold (only each fold's entry: comments and order stay), so `ens predict-member` needs no editing by
     hand; an entry naming a checkpoint you put there is replaced only with --overwrite. With --pseudo (smp members;
     YOLO's loss cannot leave pixels out) each checkpoint records the pseudo folder and its recipe's sha256; scale
-    train.steps by (real + pseudo images) / real images, or the pseudo images crowd the real ones out (README).
+    train.steps by (real + pseudo images) / real images per fold, or the pseudo images crowd the real ones out (README).
 
     Example: `ens train-member members/unetpp-vgg19.yaml --data data/ --folds folds.json --fold all`
     """
